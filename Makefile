@@ -1,0 +1,43 @@
+# Quickstart: `make demo`, then `make test`, then `make ui`. Everything lands in .venv and outputs/.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip --disable-pip-version-check
+PORT    ?= 5000
+OUT     ?= outputs
+
+.PHONY: install demo smoke test ui bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first, from its pinned CPU build; then the project with the same pin as a constraint so no
+# dependency can pull a CUDA build of torch.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[text]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -c constraints.txt -e ".[text,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed  ## the main job: configs/ablation/demo.yaml on Shapes
+	$(VENV)/bin/vidlab sweep configs/ablation/demo.yaml
+
+smoke: $(VENV)/.installed  ## a tiny model in under a minute
+	$(VENV)/bin/vidlab fit smoke
+
+test: $(VENV)/.installed-dev  ## the whole test suite (CPU)
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-dev  ## benchmarks/: measured ratios, printed as name: value
+	$(PY) benchmarks/overhead.py
+
+ui: $(VENV)/.installed  ## the MLflow UI over the embedded store, on 127.0.0.1 only
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT)
+
+clean:
+	rm -rf $(OUT)

@@ -1,0 +1,87 @@
+"""Sample videos for fixed prompts and seeds, every N steps and at the end, logged to MLflow as mp4.
+
+File names follow VBench's custom-input convention ``<prompt>-<seed>.mp4`` so a folder of samples
+can be scored as is; MLflow keeps them under ``samples/step_NNNNNN/`` where its artifact viewer plays
+them (H.264, yuv420p, faststart).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from datamodules.mp4 import write_mp4
+
+
+def to_uint8_frames(video: Tensor, display_scale: int = 1) -> np.ndarray:
+    """One video ``(3, T, H, W)`` in [-1, 1] → ``uint8 (T, H·s, W·s, 3)`` (nearest upscale by s)."""
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if display_scale > 1:
+        x = x.repeat_interleave(display_scale, dim=2).repeat_interleave(display_scale, dim=3)
+    return x.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+
+
+def video_filename(prompt: str, seed: int) -> str:
+    """VBench custom-input naming: the prompt itself, then ``-<seed>.mp4`` (``/`` made safe)."""
+    return f"{prompt.replace('/', '_').strip()[:180]}-{seed}.mp4"
+
+
+def save_videos(videos: Tensor, prompts: list[str], seeds: list[int], folder: Path, fps: int = 8,
+                display_scale: int = 1) -> list[Path]:
+    """Write each ``(3, T, H, W)`` video of ``videos (B, 3, T, H, W)`` to ``folder``; returns paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for video, prompt, seed in zip(videos, prompts, seeds):
+        path = folder / video_filename(prompt, seed)
+        write_mp4(path, to_uint8_frames(video, display_scale), fps=fps)
+        paths.append(path)
+    return paths
+
+
+class SampleVideos(L.Callback):
+    """Generate every (prompt, seed) pair with the model being trained and log the mp4 files.
+
+    Runs on global rank 0 only; the generation touches the raw backbone, not the DDP wrapper, so the
+    other ranks are not waited on.
+    """
+
+    def __init__(self, every_n_steps: int = 100, prompts: list[str] | None = None, seeds: list[int] | None = None,
+                 num_frames: int = 8, height: int = 32, width: int = 32, fps: int = 8, display_scale: int = 1,
+                 cfg_scale: float | None = None):
+        if not prompts:
+            raise ValueError("SampleVideos: 'prompts' must list at least one prompt")
+        self.every_n_steps = every_n_steps
+        self.prompts = list(prompts)
+        self.seeds = list(seeds or [0])
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.fps, self.display_scale, self.cfg_scale = fps, display_scale, cfg_scale
+        self.paths: list[Path] = []  # the files of the latest round
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.log_samples(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.log_samples(trainer, module)
+
+    def log_samples(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_step:
+            return
+        self._last_step = step
+        pairs = [(p, s) for p in self.prompts for s in self.seeds]
+        prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
+        videos = module.generate(prompts, seeds, self.num_frames, self.height, self.width, self.cfg_scale)
+        run = getattr(trainer.logger, "run_id", None) or "no-logger"
+        folder = Path(module.config.get("output_dir", "outputs")) / "samples" / run / f"step_{step:06d}"
+        self.paths = save_videos(videos, prompts, seeds, folder, self.fps, self.display_scale)
+        if run != "no-logger":
+            for path in self.paths:
+                trainer.logger.experiment.log_artifact(run, str(path), artifact_path=f"samples/step_{step:06d}")

@@ -1,0 +1,239 @@
+"""A dataset over any folder of videos plus a captions file, decoded with decord.
+
+Items are ``{"video": float32 (C, T, H, W) in [-1, 1], "caption": str, "path": str}``;
+`collate_videos` stacks them into ``(B, C, T, H, W)`` batches.
+
+Bad files never stop training: at construction every listed video's header is opened and
+missing, empty, unreadable or too-short files are dropped; a file that opens but fails to
+decode later is replaced by the next valid item. Each skipped file is recorded in
+``dataset.skipped`` (path → reason) and logged once on the ``vidlab.data`` logger.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import decord
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from datamodules.mp4 import decode_frames
+
+log = logging.getLogger("vidlab.data")
+
+_VIDEO_KEYS = ("video", "path")
+_CAPTION_KEYS = ("caption", "text")
+
+
+def _pick(record: dict, keys: tuple[str, ...], where: str) -> str:
+    for key in keys:
+        value = record.get(key)
+        if value is not None and (key in _CAPTION_KEYS or value != ""):
+            return str(value)
+    raise ValueError(f"{where}: missing key, expected one of {keys}")
+
+
+def read_captions(file: str | os.PathLike) -> list[tuple[str, str]]:
+    """Parse a captions file into ``(video, caption)`` pairs, in file order.
+
+    ``.jsonl``: one JSON object per non-empty line. ``.csv``: a header row, then one row per
+    video. Either uses the key ``video`` or ``path`` and ``caption`` or ``text``.
+
+    Raises:
+        ValueError: unknown extension, or a malformed line / missing key (names file and line).
+    """
+    file = Path(file)
+    records: list[tuple[str, str]] = []
+    if file.suffix == ".jsonl":
+        for lineno, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{file}, line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: malformed JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            records.append((_pick(record, _VIDEO_KEYS, where), _pick(record, _CAPTION_KEYS, where)))
+    elif file.suffix == ".csv":
+        with open(file, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            for keys in (_VIDEO_KEYS, _CAPTION_KEYS):
+                if not any(k in columns for k in keys):
+                    raise ValueError(f"{file}, line 1: header {columns} lacks one of {keys}")
+            for row in reader:
+                where = f"{file}, line {reader.line_num}"
+                if None in row or None in row.values():  # too many / too few fields
+                    raise ValueError(f"{where}: malformed row, expected {len(columns)} fields")
+                records.append((_pick(row, _VIDEO_KEYS, where), _pick(row, _CAPTION_KEYS, where)))
+    else:
+        raise ValueError(f"{file}: captions must be .jsonl or .csv")
+    return records
+
+
+def _stride_range(frame_stride: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(frame_stride, int):
+        lo = hi = frame_stride
+    elif len(frame_stride) == 2:
+        lo, hi = int(frame_stride[0]), int(frame_stride[1])
+    else:
+        raise ValueError(f"frame_stride must be an int or [lo, hi], got {frame_stride!r}")
+    if not 1 <= lo <= hi:
+        raise ValueError(f"frame_stride needs 1 <= lo <= hi, got {frame_stride!r}")
+    return lo, hi
+
+
+def _target_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if isinstance(size, Sequence) and len(size) != 2 or h < 1 or w < 1:
+        raise ValueError(f"size must be an int, [h, w] or None, got {size!r}")
+    return h, w
+
+
+class VideoDataset(Dataset):
+    """Clips of ``num_frames`` frames from a folder of videos listed in a captions file.
+
+    Args:
+        root: folder holding the captions file; relative video paths are relative to it.
+        captions: captions file name inside ``root`` (or an absolute path), ``.jsonl``/``.csv``.
+        num_frames: frames per clip, ``T``.
+        frame_stride: distance between sampled frames; an int, or ``[lo, hi]`` for a stride
+            drawn per item (inclusive), capped so the clip fits in the video.
+        size: ``None`` keeps the native size; an int resizes the short side to it then crops a
+            square; ``[h, w]`` resizes so both fit then crops to ``h x w``. Resizing is bilinear
+            with antialiasing (`torch.nn.functional.interpolate`).
+        crop: ``"center"`` or ``"random"``.
+        seed: with the item index and the epoch (`set_epoch`) seeds stride, start and crop,
+            so an item is reproducible whatever the worker or order.
+    """
+
+    def __init__(self, root: str | os.PathLike, captions: str = "captions.jsonl",
+                 num_frames: int = 8, frame_stride: int | tuple[int, int] | list[int] = 1,
+                 size: int | list[int] | None = None, crop: str = "center", seed: int = 0) -> None:
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        self.root = Path(root)
+        self.num_frames = num_frames
+        self.stride_range = _stride_range(frame_stride)
+        self.size = _target_size(size)
+        self.crop = crop
+        self.seed = seed
+        self.epoch = 0
+        self.skipped: dict[str, str] = {}
+        self.paths: list[str] = []
+        self.captions: list[str] = []
+        self.lengths: list[int] = []
+        self._bad: set[int] = set()  # valid at construction, failed to decode later
+
+        min_span = (num_frames - 1) * self.stride_range[0] + 1
+        for video, text in read_captions(self.root / captions):
+            path = str(self.root / video)
+            length, reason = self._probe(path)
+            if reason is None and length < min_span:
+                reason = f"too short: {length} frames, {min_span} needed"
+            if reason is not None:
+                self._skip(path, reason)
+                continue
+            self.paths.append(path)
+            self.captions.append(text)
+            self.lengths.append(length)
+        if not self.paths:
+            raise ValueError(f"no valid video in {self.root} ({len(self.skipped)} skipped)")
+
+    @staticmethod
+    def _probe(path: str) -> tuple[int, str | None]:
+        """Open a video's header: ``(frame count, None)`` or ``(0, reason it is unusable)``."""
+        if not os.path.isfile(path):
+            return 0, "missing"
+        if os.path.getsize(path) == 0:
+            return 0, "empty file (0 bytes)"
+        try:
+            return len(decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)), None
+        except Exception as exc:  # decord raises RuntimeError or its own DECORDError
+            return 0, f"unreadable: {_first_line(exc)}"
+
+    def _skip(self, path: str, reason: str) -> None:
+        if path not in self.skipped:
+            self.skipped[path] = reason
+            log.warning("skipping video %s: %s", path, reason)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed random strides, starts and crops for a new epoch (call from the loop)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        """Item ``index``, or on a decode failure the next decodable one (wrapping around)."""
+        for offset in range(len(self.paths)):
+            i = (index + offset) % len(self.paths)
+            if i in self._bad:
+                continue
+            try:
+                video = self._load(i)
+            except Exception as exc:
+                self._bad.add(i)
+                self._skip(self.paths[i], f"decode failed: {_first_line(exc)}")
+                continue
+            return {"video": video, "caption": self.captions[i], "path": self.paths[i]}
+        raise RuntimeError(f"no decodable video left in {self.root}")
+
+    def _load(self, i: int) -> torch.Tensor:
+        """Decode, resize and crop clip ``i``: ``float32 (C, T, H, W)`` in ``[-1, 1]``."""
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        lo, hi = self.stride_range
+        max_stride = (self.lengths[i] - 1) // (self.num_frames - 1) if self.num_frames > 1 else hi
+        stride = min(int(rng.integers(lo, hi + 1)), max_stride)
+        span = (self.num_frames - 1) * stride + 1
+        start = int(rng.integers(0, self.lengths[i] - span + 1))
+        indices = list(range(start, start + span, stride))
+
+        reader = decord.VideoReader(self.paths[i], ctx=decord.cpu(0), num_threads=1)
+        frames = decode_frames(reader, indices)  # uint8 (T, H, W, 3)
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (T, C, H, W)
+        if self.size is not None:
+            video = self._resize_crop(video, rng)
+        return video.permute(1, 0, 2, 3).contiguous()  # (C, T, H, W)
+
+    def _resize_crop(self, video: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """``(T, C, H, W)`` → ``(T, C, h, w)``: scale so ``h x w`` fits, then crop."""
+        h, w = self.size
+        height, width = video.shape[-2:]
+        scale = max(h / height, w / width)
+        new_h, new_w = max(h, round(height * scale)), max(w, round(width * scale))
+        if (new_h, new_w) != (height, width):
+            video = F.interpolate(video, size=(new_h, new_w), mode="bilinear",
+                                  align_corners=False, antialias=True).clamp_(-1.0, 1.0)
+        if self.crop == "center":
+            top, left = (new_h - h) // 2, (new_w - w) // 2
+        else:
+            top, left = int(rng.integers(0, new_h - h + 1)), int(rng.integers(0, new_w - w + 1))
+        return video[..., top:top + h, left:left + w]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def collate_videos(items: list[dict]) -> dict:
+    """Batch items: ``video`` stacked to ``float (B, C, T, H, W)``; other keys kept as lists."""
+    batch: dict = {"video": torch.stack([item["video"] for item in items])}
+    for key in items[0]:
+        if key != "video":
+            batch[key] = [item[key] for item in items]
+    return batch

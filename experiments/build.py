@@ -1,0 +1,120 @@
+"""The one place where configuration becomes objects.
+
+Every node with ``_target_: package.module.Class`` is built by importing that class and calling it
+with the node's other keys. Keys the constructor does not take are errors naming the config file,
+the key and the nearest parameter, so a typo inside a preset is caught before any training starts.
+Values one part needs from another (the backbone's input channels come from the autoencoder, its
+text width from the text encoder) are passed here, explicitly, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+
+from experiments.config import Composed, ConfigError, nearest
+from modules.system import GeneratorSystem, GuidanceConfig, OptimConfig
+
+
+def locate(target: str, where: str) -> Any:
+    """Import ``package.module.Attr``; ``where`` names the config file and key for errors."""
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import {module_name!r} for _target_ {target!r}: {exc}") from exc
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"{where}: {module_name!r} has no {attr!r}; {nearest(attr, names)}")
+    return getattr(module, attr)
+
+
+def check_kwargs(fn: Any, keys: list[str], where: str) -> None:
+    """Raise ConfigError when ``fn`` does not accept every key (unless it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [name for name in params if name != "self"]
+    for key in keys:
+        if key not in valid:
+            name = getattr(fn, "__qualname__", str(fn))
+            raise ConfigError(f"{where}: unknown key {key!r} for {name}; {nearest(key, valid)}")
+
+
+def instantiate(node: dict[str, Any], where: str, **injected: Any) -> Any:
+    """Build ``node`` (a dict with ``_target_``). ``injected`` values fill parameters the node leaves
+    unset and the constructor accepts; values in the node win."""
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(f"{where}: expected a mapping with a '_target_' key, got {node!r}")
+    target = locate(node["_target_"], where)
+    kwargs = {k: v for k, v in node.items() if k != "_target_"}
+    check_kwargs(target, list(kwargs), where)
+    params = inspect.signature(target).parameters
+    for key, value in injected.items():
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        return target(**kwargs)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"{where}: building {node['_target_']} failed: {exc}") from exc
+
+
+def _where(composed: Composed, key: str) -> str:
+    return f"{composed.sources.get(key, 'config')} [{key}]"
+
+
+@dataclass
+class Parts:
+    """The swappable model parts of a generator, built and wired."""
+
+    text: Any
+    vae: Any
+    backbone: Any
+    objective: Any
+    sampler: Any
+
+
+def build_parts(composed: Composed) -> Parts:
+    cfg = composed.cfg
+    text = instantiate(cfg["text"], _where(composed, "text"))
+    vae = instantiate(cfg["vae"], _where(composed, "vae"))
+    backbone = instantiate(
+        cfg["backbone"], _where(composed, "backbone"), in_channels=vae.latent_channels, text_dim=text.dim
+    )
+    objective = instantiate(cfg["objective"], _where(composed, "objective"))
+    sampler = instantiate(cfg["sampler"], _where(composed, "sampler"))
+    return Parts(text, vae, backbone, objective, sampler)
+
+
+def build_system(composed: Composed) -> GeneratorSystem:
+    """The LightningModule of a text-to-video generator, carrying its resolved config."""
+    cfg = composed.cfg
+    parts = build_parts(composed)
+    check_kwargs(OptimConfig, list(cfg["optim"]), _where(composed, "optim"))
+    check_kwargs(GuidanceConfig, list(cfg["guidance"]), _where(composed, "guidance"))
+    return GeneratorSystem(
+        backbone=parts.backbone, vae=parts.vae, text_encoder=parts.text,
+        objective=parts.objective, sampler=parts.sampler,
+        optim=OptimConfig(**cfg["optim"]), guidance=GuidanceConfig(**cfg["guidance"]), config=cfg,
+    )
+
+
+def build_datamodule(composed: Composed) -> L.LightningDataModule:
+    return instantiate(composed.cfg["data"], _where(composed, "data"))
+
+
+def build_callbacks(composed: Composed) -> list[L.Callback]:
+    where = _where(composed, "callbacks")
+    nodes = composed.cfg["callbacks"] or {}
+    return [instantiate(node, f"{where[:-1]}.{name}]") for name, node in nodes.items() if node]
+
+
+def trainer_kwargs(composed: Composed) -> dict[str, Any]:
+    """The ``trainer`` section, checked against ``lightning.Trainer``'s parameters."""
+    kwargs = dict(composed.cfg["trainer"])
+    check_kwargs(L.Trainer.__init__, list(kwargs), _where(composed, "trainer"))
+    return kwargs

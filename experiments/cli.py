@@ -1,0 +1,126 @@
+"""``vidlab``: fit an experiment, sweep an ablation, sample from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from experiments.config import ConfigError, compose
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+EPILOG = """examples:
+  vidlab fit smoke                                  # configs/experiment/smoke.yaml
+  vidlab fit shapes backbone=dit_tiny optim.lr=1e-3 # swap a preset, set a key
+  vidlab fit --from-run RUN_ID trainer.max_steps=50 # re-run a logged config
+  vidlab sweep configs/ablation/demo.yaml
+  vidlab sample RUN_ID --prompt "a red circle moving left on a black background" --seed 0
+"""
+
+
+def _ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return f"open the MLflow UI: make ui   (mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
+    return f"runs are in the MLflow server at {uri}"
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from experiments.fit import run_fit
+    from experiments.tracking import client, run_config, tracking_uri
+
+    overrides = list(args.overrides)
+    if args.from_run:
+        if args.experiment:
+            overrides.insert(0, args.experiment)  # argparse took the first override as EXPERIMENT
+        folder = Path(tempfile.mkdtemp(prefix="vidlab-from-run-"))
+        experiment = folder / "config.yaml"
+        experiment.write_text(run_config(client(), args.from_run))
+    elif args.experiment:
+        experiment = args.experiment
+    else:
+        raise ConfigError("vidlab fit: give an EXPERIMENT (name or file) or --from-run RUN_ID")
+    composed = compose(experiment, overrides)
+    tags = {"vidlab.from_run": args.from_run} if args.from_run else {}
+    result = run_fit(composed, tags=tags)
+    console.print(f"run {result.run_id}: final train/loss {result.final_loss}")
+    console.print(f"checkpoint: {result.checkpoint}")
+    for path in result.samples:
+        console.print(f"sample: {path}")
+    console.print(_ui_hint(tracking_uri(composed.cfg)))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.sweep import load_ablation, run_sweep
+    from experiments.tracking import tracking_uri
+
+    results = run_sweep(args.ablation)
+    table = Table(title=f"ablation {load_ablation(args.ablation).name}")
+    for column in ("arm", "status", "final train/loss", "samples", "run"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        loss = "-" if r.final_loss is None else f"{r.final_loss:.4f}"
+        table.add_row(r.arm.key, r.status, loss, r.samples_dir or (r.error or "-"), r.run_id)
+    console.print(table)
+    composed = compose(load_ablation(args.ablation).experiment)
+    console.print(_ui_hint(tracking_uri(composed.cfg)))
+    return 1 if any(r.status == "FAILED" for r in results) else 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from experiments.sample import sample
+
+    paths = sample(args.source, args.prompt, args.seed or [0], Path(args.out), args.frames, args.height,
+                   args.width, args.cfg_scale)
+    for path in paths:
+        console.print(f"wrote {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vidlab", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train one experiment into a new MLflow run")
+    fit.add_argument("experiment", nargs="?", help="name under configs/experiment/ or a YAML file")
+    fit.add_argument("overrides", nargs="*", help="group=preset or a.b=value")
+    fit.add_argument("--from-run", metavar="RUN_ID", help="re-run the config.yaml logged by that run")
+    fit.set_defaults(func=cmd_fit)
+
+    sweep = sub.add_parser("sweep", help="run an ablation grid (resumes: finished arms are skipped)")
+    sweep.add_argument("ablation", help="a YAML file such as configs/ablation/demo.yaml")
+    sweep.set_defaults(func=cmd_sweep)
+
+    smp = sub.add_parser("sample", help="write mp4 files from a trained run or checkpoint")
+    smp.add_argument("source", metavar="RUN_ID|CHECKPOINT")
+    smp.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    smp.add_argument("--seed", action="append", type=int, help="repeat for several seeds (default 0)")
+    smp.add_argument("--out", default="outputs/samples/cli", help="output folder (default: %(default)s)")
+    smp.add_argument("--frames", type=int, help="default: the run's sample callback setting")
+    smp.add_argument("--height", type=int)
+    smp.add_argument("--width", type=int)
+    smp.add_argument("--cfg-scale", type=float, help="default: the run's guidance.cfg_scale")
+    smp.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

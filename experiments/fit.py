@@ -1,0 +1,77 @@
+"""Run one composed experiment: build, train, sample, and record everything in one MLflow run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.samples import SampleVideos
+from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
+from experiments.config import Composed
+from experiments.tracking import log_config, make_logger
+
+
+@dataclass
+class FitResult:
+    run_id: str
+    final_loss: float | None
+    checkpoint: Path | None
+    samples: list[Path] = field(default_factory=list)
+    skipped_videos: int = 0
+
+
+def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] | None = None) -> FitResult:
+    """Train ``composed`` into a new MLflow run (or ``run_id``, an existing one) and return a summary.
+
+    The run gets the flattened config as params, ``config.yaml``, the git commit, the presets as
+    ``vidlab.preset.<group>`` tags and, at the end, ``vidlab.checkpoint`` (the last checkpoint).
+    """
+    cfg = composed.cfg
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    datamodule = build_datamodule(composed)
+    system = build_system(composed)
+    callbacks = build_callbacks(composed)
+
+    preset_tags = {f"vidlab.preset.{group}": name for group, name in composed.presets.items()}
+    logger = make_logger(cfg, run_id=run_id, tags={**preset_tags, **(tags or {})})
+    client, run = logger.experiment, logger.run_id
+    for key, value in {**preset_tags, **(tags or {})}.items():
+        client.set_tag(run, key, value)
+    log_config(client, run, cfg)
+
+    ckpt_dir = Path(cfg["output_dir"]) / "checkpoints" / run
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+        every_n_train_steps=cfg["checkpoint"]["every_n_steps"], save_top_k=cfg["checkpoint"]["keep_last"],
+        monitor="step", mode="max", save_last=True,
+    )
+    trainer = L.Trainer(
+        **trainer_kwargs(composed), logger=logger, callbacks=[*callbacks, checkpoint],
+        default_root_dir=cfg["output_dir"],
+    )
+    trainer.fit(system, datamodule=datamodule)
+
+    last = ckpt_dir / "last.ckpt"
+    if trainer.is_global_zero:
+        client.set_tag(run, "vidlab.checkpoint", str(last))
+    skipped = _skipped_videos(datamodule)
+    if skipped and trainer.is_global_zero:
+        client.log_metric(run, "data/skipped_videos", skipped)
+    loss = trainer.callback_metrics.get("train/loss")
+    samples = [p for cb in callbacks if isinstance(cb, SampleVideos) for p in cb.paths]
+    if samples and trainer.is_global_zero:
+        client.set_tag(run, "vidlab.samples_dir", str(samples[0].parent))
+    return FitResult(run, None if loss is None else float(loss), last if last.exists() else None, samples, skipped)
+
+
+def _skipped_videos(datamodule: Any) -> int:
+    """How many unreadable videos the datamodule's datasets skipped (0 when it does not say)."""
+    total = 0
+    for name in ("train_dataset", "val_dataset", "dataset"):
+        dataset = getattr(datamodule, name, None)
+        total += len(getattr(dataset, "skipped", {}) or {})
+    return total

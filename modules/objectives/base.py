@@ -1,0 +1,31 @@
+"""The objective contract: the maths of x_t, the regression target, time sampling and loss
+weighting. It owns the time scale the network sees; the backbone only embeds what it gets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from modules.conditioning import Conditioning
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar mean over the batch; t: (B,) the drawn times; per_sample: (B,) losses."""
+
+    loss: Tensor
+    t: Tensor
+    per_sample: Tensor
+
+
+@runtime_checkable
+class Objective(Protocol):
+    def loss(self, net, x0: Tensor, cond: Conditioning) -> LossOutput:
+        """Draw t and noise, form x_t, regress the network output on the target."""
+        ...
+
+    def velocity(self, net, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """dx_t/dt at (x_t, t), t (B,) in [0, 1] with t = 0 data and t = 1 noise."""
+        ...

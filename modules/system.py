@@ -1,0 +1,141 @@
+"""The LightningModule that wires a text-to-video generator from built parts.
+
+It knows none of the parts' internals: the objective draws t and noise and computes the loss, the
+sampler integrates a velocity field, the autoencoder owns latent normalisation. This file only
+decides what goes where, when guidance applies, and what a checkpoint carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from modules.conditioning import Conditioning
+from modules.samplers.guidance import classifier_free_guidance
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up to ``lr`` over ``warmup_steps``, constant after."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] | list[float] = (0.9, 0.999)
+    warmup_steps: int = 0
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance (Ho & Salimans 2022): caption dropout in training, scale at sampling."""
+
+    cond_dropout: float = 0.1
+    cfg_scale: float = 4.0
+
+
+class GeneratorSystem(L.LightningModule):
+    """Trains ``backbone`` on ``objective.loss`` over ``vae.encode(video)`` conditioned on captions.
+
+    A frozen text encoder is held outside the module tree: its weights come from a folder named in
+    the config, so checkpoints do not carry a copy. A trainable one is an ordinary submodule.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        objective: Any,
+        sampler: Any,
+        optim: OptimConfig | None = None,
+        guidance: GuidanceConfig | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.vae = vae
+        if any(p.requires_grad for p in text_encoder.parameters()):
+            self.text_encoder = text_encoder
+        else:
+            object.__setattr__(self, "frozen_text_encoder", text_encoder.eval())
+        self.objective = objective
+        self.sampler = sampler
+        self.optim = optim or OptimConfig()
+        self.guidance = guidance or GuidanceConfig()
+        self.config = config or {}
+
+    # -- conditioning ----------------------------------------------------------------------------
+
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        """Captions → Conditioning on this module's device; ``""`` is the null condition."""
+        encoder = self.__dict__.get("frozen_text_encoder") or self.text_encoder
+        params = next(encoder.parameters(), None)
+        if params is not None and params.device != self.device:
+            encoder.to(self.device)
+        return encoder(prompts).to(self.device)
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """Replace each caption by ``""`` with probability ``cond_dropout`` (global torch RNG)."""
+        keep = torch.rand(len(captions)) >= self.guidance.cond_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    # -- training --------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        cond = self.encode_text(self.drop_captions(batch["caption"]))
+        with torch.no_grad():
+            x0 = self.vae.encode(batch["video"])  # (B, C, T', H', W'), normalised by the VAE
+        out = self.objective.loss(self.backbone, x0, cond)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=x0.shape[0])
+        return out.loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(
+            params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+        )
+        warmup = max(int(self.optim.warmup_steps), 0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vidlab_config"] = self.config
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        num_frames: int,
+        height: int,
+        width: int,
+        cfg_scale: float | None = None,
+    ) -> Tensor:
+        """One video per (prompt, seed) pair: ``(B, 3, T, H, W)`` pixels in [-1, 1].
+
+        The noise of each video depends only on its seed, so a prompt and seed give the same video
+        at every call, on every device count.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        shape = self.vae.latent_shape(num_frames, height, width)
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        scale = self.guidance.cfg_scale if cfg_scale is None else cfg_scale
+        cond = self.encode_text(list(prompts))
+        null = self.encode_text([""] * len(prompts))
+
+        def velocity(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
+            return self.objective.velocity(self.backbone, x, t, c)
+
+        was_training = self.training
+        self.eval()
+        try:
+            x0 = self.sampler.sample(classifier_free_guidance(velocity, cond, null, scale), noise.to(self.device))
+            return self.vae.decode(x0).clamp(-1.0, 1.0)
+        finally:
+            self.train(was_training)
