@@ -29,14 +29,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
-import torch
 from rich.progress import track
-from torch.utils.data import DataLoader, Subset
 
 from datamodules.mp4 import write_mp4
-from datamodules.video import VideoDataset, collate_videos
+from datamodules.video import VideoDataModule
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
 
@@ -75,7 +72,7 @@ SIZE_RANGE = (0.20, 0.28)  # radius, fraction of min(H, W)
 TWO_OBJECT_SCALE = 0.7  # both objects of a two-object clip are smaller, so they fit side by side
 TRAVEL_RANGE = (0.25, 0.35)  # distance over the clip, fraction of the frame
 SUPERSAMPLE = 2  # render at 2x then box-downsample: mild anti-aliasing
-_FORMAT_VERSION = 1  # bump when rendering changes, so old folders are not reused
+_FORMAT_VERSION = 2  # bump when rendering changes, so old folders are not reused
 
 
 def _contrast(color: str, background: str) -> float:
@@ -285,9 +282,9 @@ def generate_shapes(root: str | Path, num_videos: int, num_frames: int, height: 
     return folder
 
 
-class ShapesDataModule(L.LightningDataModule):
-    """Lightning wrapper: renders the shapes dataset in `prepare_data`, reads it with
-    `VideoDataset` (whole clips, stride 1, native size).
+class ShapesDataModule(VideoDataModule):
+    """The shapes dataset as a `VideoDataModule`: rendered in `prepare_data`, read back whole
+    (``num_frames`` clips, stride 1, native size) like any folder of videos.
 
     Batches: ``{"video": float (B, 3, T, H, W) in [-1, 1], "caption": list[str],
     "path": list[str]}``.
@@ -297,62 +294,16 @@ class ShapesDataModule(L.LightningDataModule):
                  height: int = 32, width: int = 32, seed: int = 0, two_object_prob: float = 0.0,
                  fps: int = 8, batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.0) -> None:
-        super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.save_hyperparameters()
-        self._gen_args: dict[str, Any] = dict(
+        super().__init__(root, num_frames=num_frames, frame_stride=1, size=None, seed=seed,
+                         batch_size=batch_size, num_workers=num_workers, val_fraction=val_fraction)
+        self.generate_kwargs: dict[str, Any] = dict(
             root=root, num_videos=num_videos, num_frames=num_frames, height=height, width=width,
             seed=seed, two_object_prob=two_object_prob, fps=fps)
-        self.dataset: VideoDataset | None = None
-        self.train_set: Subset | None = None
-        self.val_set: Subset | None = None
 
     def prepare_data(self) -> None:
         """Render the dataset (once per node, on local rank 0, as Lightning arranges)."""
-        generate_shapes(**self._gen_args, progress=True)
+        generate_shapes(**self.generate_kwargs, progress=True)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the dataset and a seeded train/val split of it."""
-        if self.dataset is not None:
-            return
-        folder = generate_shapes(**self._gen_args, progress=False)  # no-op once prepared
-        self.dataset = VideoDataset(folder, num_frames=self.hparams.num_frames, frame_stride=1,
-                                    size=None, seed=self.hparams.seed)
-        n = len(self.dataset)
-        n_val = round(n * self.hparams.val_fraction) if self.hparams.val_fraction > 0 else 0
-        n_val = min(max(n_val, 1 if self.hparams.val_fraction > 0 else 0), n - 1)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
-        self.val_set = Subset(self.dataset, sorted(order[:n_val]))
-        self.train_set = Subset(self.dataset, sorted(order[n_val:]))
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded generator), ``drop_last=True``."""
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          drop_last=True, num_workers=self.hparams.num_workers,
-                          collate_fn=collate_videos,
-                          generator=torch.Generator().manual_seed(self.hparams.seed),
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The held-out clips in order, or ``[]`` (no validation) when ``val_fraction == 0``."""
-        if not self.val_set:
-            return []
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers, collate_fn=collate_videos)
-
-    def prompts(self, n: int) -> list[str]:
-        """``n`` distinct captions from the dataset, in file order (for sample callbacks).
-
-        Raises:
-            ValueError: the dataset has fewer than ``n`` distinct captions.
-        """
-        folder = shapes_folder(**self._gen_args)
-        if not (folder / "DONE").is_file():
-            folder = generate_shapes(**self._gen_args, progress=False)
-        seen: dict[str, None] = {}
-        for line in (folder / "captions.jsonl").read_text().splitlines():
-            seen.setdefault(json.loads(line)["caption"], None)
-            if len(seen) == n:
-                return list(seen)
-        raise ValueError(f"{folder} has only {len(seen)} distinct captions, {n} requested")
+    def dataset_root(self) -> Path:
+        """The rendered folder; renders it first (silently) if `prepare_data` has not run."""
+        return generate_shapes(**self.generate_kwargs, progress=False)

@@ -1,7 +1,8 @@
 """A dataset over any folder of videos plus a captions file, decoded with decord.
 
 Items are ``{"video": float32 (C, T, H, W) in [-1, 1], "caption": str, "path": str}``;
-`collate_videos` stacks them into ``(B, C, T, H, W)`` batches.
+`collate_videos` stacks them into ``(B, C, T, H, W)`` batches; `VideoDataModule` serves them to
+Lightning with a seeded shuffle and an optional held-out split.
 
 Bad files never stop training: at construction every listed video's header is opened and
 missing, empty, unreadable or too-short files are dropped; a file that opens but fails to
@@ -16,13 +17,15 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 
 import decord
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from datamodules.mp4 import decode_frames
 
@@ -80,13 +83,17 @@ def read_captions(file: str | os.PathLike) -> list[tuple[str, str]]:
     return records
 
 
+def _int_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """An int ``v`` → ``(v, v)``; a two-element sequence → its two ints."""
+    if isinstance(value, Integral):
+        return int(value), int(value)
+    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, Integral) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
 def _stride_range(frame_stride: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(frame_stride, int):
-        lo = hi = frame_stride
-    elif len(frame_stride) == 2:
-        lo, hi = int(frame_stride[0]), int(frame_stride[1])
-    else:
-        raise ValueError(f"frame_stride must be an int or [lo, hi], got {frame_stride!r}")
+    lo, hi = _int_pair(frame_stride, "frame_stride")
     if not 1 <= lo <= hi:
         raise ValueError(f"frame_stride needs 1 <= lo <= hi, got {frame_stride!r}")
     return lo, hi
@@ -95,9 +102,9 @@ def _stride_range(frame_stride: int | Sequence[int]) -> tuple[int, int]:
 def _target_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    if isinstance(size, Sequence) and len(size) != 2 or h < 1 or w < 1:
-        raise ValueError(f"size must be an int, [h, w] or None, got {size!r}")
+    h, w = _int_pair(size, "size")
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
     return h, w
 
 
@@ -179,6 +186,8 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         """Item ``index``, or on a decode failure the next decodable one (wrapping around)."""
+        if not -len(self.paths) <= index < len(self.paths):
+            raise IndexError(f"index {index} out of range for {len(self.paths)} videos")
         for offset in range(len(self.paths)):
             i = (index + offset) % len(self.paths)
             if i in self._bad:
@@ -237,3 +246,73 @@ def collate_videos(items: list[dict]) -> dict:
         if key != "video":
             batch[key] = [item[key] for item in items]
     return batch
+
+
+class VideoDataModule(L.LightningDataModule):
+    """A `VideoDataset` over a folder, split into train / val, served in seeded batches.
+
+    Batches: ``{"video": float (B, 3, T, H, W) in [-1, 1], "caption": list[str],
+    "path": list[str]}``. The train loader shuffles with a generator seeded by ``seed`` and drops
+    the last incomplete batch; ``val_fraction`` of the clips (a seeded choice, at least one when
+    non-zero) are held out for the val loader.
+
+    Random strides / starts / crops are re-drawn per epoch only when something calls
+    ``dataset.set_epoch``; otherwise each clip index keeps its epoch-0 draw.
+    """
+
+    def __init__(self, root: str, captions: str = "captions.jsonl", num_frames: int = 16,
+                 frame_stride: int | list[int] = 1, size: int | list[int] | None = None,
+                 crop: str = "center", seed: int = 0, batch_size: int = 4, num_workers: int = 0,
+                 val_fraction: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.root, self.captions = root, captions
+        self.dataset_kwargs = dict(num_frames=num_frames, frame_stride=frame_stride, size=size,
+                                   crop=crop, seed=seed)
+        self.seed, self.batch_size, self.num_workers = seed, batch_size, num_workers
+        self.val_fraction = val_fraction
+        self.dataset: VideoDataset | None = None
+        self.train_dataset: Subset | None = None
+        self.val_dataset: Subset | None = None
+
+    def dataset_root(self) -> Path:
+        """The folder holding the videos and the captions file (subclasses may create it)."""
+        return Path(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the dataset (probing every video once) and split it."""
+        if self.dataset is not None:
+            return
+        self.dataset = VideoDataset(self.dataset_root(), self.captions, **self.dataset_kwargs)
+        n = len(self.dataset)
+        n_val = min(max(round(n * self.val_fraction), 1), n - 1) if self.val_fraction > 0 else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        self.val_dataset = Subset(self.dataset, sorted(order[:n_val]))
+        self.train_dataset = Subset(self.dataset, sorted(order[n_val:]))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a seeded generator, ``drop_last=True``."""
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True,
+                          drop_last=True, num_workers=self.num_workers, collate_fn=collate_videos,
+                          generator=torch.Generator().manual_seed(self.seed),
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out clips in order, or ``[]`` (no validation) when ``val_fraction == 0``."""
+        if not self.val_dataset:
+            return []
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate_videos)
+
+    def prompts(self, n: int) -> list[str]:
+        """The first ``n`` distinct captions in file order (e.g. for sample callbacks).
+
+        Raises:
+            ValueError: the captions file has fewer than ``n`` distinct captions.
+        """
+        captions = [text for _, text in read_captions(self.dataset_root() / self.captions)]
+        distinct = list(dict.fromkeys(captions))
+        if len(distinct) < n:
+            raise ValueError(f"{self.dataset_root()} has {len(distinct)} distinct captions, {n} requested")
+        return distinct[:n]

@@ -54,6 +54,8 @@ def test_deterministic_and_reused(folder, tmp_path):
     again = generate_shapes(tmp_path / "b", seed=0, **ARGS)
     assert again != folder and again.name == folder.name
     assert (again / "captions.jsonl").read_bytes() == (folder / "captions.jsonl").read_bytes()
+    for rec in _records(folder):  # same bytes (x264 made deterministic), so same frames
+        assert (again / rec["video"]).read_bytes() == (folder / rec["video"]).read_bytes(), rec["video"]
     for rec in _records(folder)[:8]:
         np.testing.assert_array_equal(read_mp4(again / rec["video"]), read_mp4(folder / rec["video"]))
 
@@ -184,7 +186,7 @@ def test_datamodule(tmp_path):
     assert all(Path(p).is_file() for p in batch["path"])
     assert len(dm.train_dataloader()) == 15 // 4  # drop_last
     val_paths = [p for b in dm.val_dataloader() for p in b["path"]]
-    assert len(val_paths) == 5 and not set(val_paths) & set(dm.dataset.paths[i] for i in dm.train_set.indices)
+    assert len(val_paths) == 5 and not set(val_paths) & set(dm.dataset.paths[i] for i in dm.train_dataset.indices)
     # the shuffle is seeded: a fresh loader yields the same first batch
     assert next(iter(dm.train_dataloader()))["path"] == batch["path"]
     prompts = dm.prompts(5)
