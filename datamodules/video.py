@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from datamodules.mp4 import decode_frames
 
@@ -184,8 +184,14 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
-        """Item ``index``, or on a decode failure the next decodable one (wrapping around)."""
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Item ``index``, or on a decode failure the next decodable one (wrapping around).
+
+        ``(index, epoch)`` (what `ClipSampler` yields) draws that epoch's stride, start and crop; the
+        epoch travels with the index, so it reaches DataLoader worker processes too.
+        """
+        if isinstance(index, tuple):
+            index, self.epoch = index
         if not -len(self.paths) <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} videos")
         for offset in range(len(self.paths)):
@@ -248,6 +254,29 @@ def collate_videos(items: list[dict]) -> dict:
     return batch
 
 
+class ClipSampler(Sampler):
+    """Yields ``(index, epoch)`` over ``indices``, shuffled by ``seed + epoch`` when ``shuffle``.
+
+    Lightning calls ``set_epoch`` before every epoch, so each epoch has its own order and its own
+    random clip draws (see `VideoDataset.__getitem__`), the same on every run with the same seed.
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int = 0, shuffle: bool = True) -> None:
+        self.indices, self.seed, self.shuffle, self.epoch = list(indices), seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        order = range(len(self.indices))
+        if self.shuffle:
+            order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter([(self.indices[int(i)], self.epoch) for i in order])
+
+
 class VideoDataModule(L.LightningDataModule):
     """A `VideoDataset` over a folder, split into train / val, served in seeded batches.
 
@@ -256,8 +285,8 @@ class VideoDataModule(L.LightningDataModule):
     the last incomplete batch; ``val_fraction`` of the clips (a seeded choice, at least one when
     non-zero) are held out for the val loader.
 
-    Random strides / starts / crops are re-drawn per epoch only when something calls
-    ``dataset.set_epoch``; otherwise each clip index keeps its epoch-0 draw.
+    The train loader's `ClipSampler` re-shuffles and re-draws random strides / starts / crops every
+    epoch (Lightning calls its ``set_epoch``), reproducibly from ``seed``.
     """
 
     def __init__(self, root: str, captions: str = "captions.jsonl", num_frames: int = 16,
@@ -293,9 +322,9 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a seeded generator, ``drop_last=True``."""
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True,
-                          drop_last=True, num_workers=self.num_workers, collate_fn=collate_videos,
-                          generator=torch.Generator().manual_seed(self.seed),
+        return DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
+                          sampler=ClipSampler(self.train_dataset.indices, self.seed),
+                          num_workers=self.num_workers, collate_fn=collate_videos,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader | list:

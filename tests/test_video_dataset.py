@@ -286,3 +286,29 @@ def test_video_datamodule(ramps):
     assert dm.prompts(2) == ["first", "second"]
     with pytest.raises(ValueError, match="3 distinct captions, 4 requested"):
         dm.prompts(4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_clip_sampler_redraws_per_epoch_reproducibly_in_workers(ramps, num_workers):
+    """The epoch travels with the index: random strides and starts change every epoch, the same on
+    every run, also inside DataLoader worker processes (where set_epoch on the dataset is lost)."""
+
+    def epochs(dm: VideoDataModule) -> list[list[tuple[str, tuple[int, ...]]]]:
+        loader = dm.train_dataloader()
+        out = []
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)  # what Lightning's fit loop does
+            out.append([(p, tuple(_indices(v))) for b in loader for p, v in zip(b["path"], b["video"])])
+        return out
+
+    def module() -> VideoDataModule:
+        dm = VideoDataModule(str(ramps), num_frames=4, frame_stride=[1, 5], seed=3, batch_size=1,
+                             num_workers=num_workers)
+        dm.setup("fit")
+        return dm
+
+    first, again = epochs(module()), epochs(module())
+    assert first == again  # reproducible from the seed
+    assert len({tuple(e) for e in first}) == 3  # each epoch draws anew
+    for epoch in first:
+        assert sorted(p for p, _ in epoch) == sorted(module().dataset.paths)  # every clip once
