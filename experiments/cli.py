@@ -31,6 +31,13 @@ def _ui_hint(uri: str) -> str:
     return f"runs are in the MLflow server at {uri}"
 
 
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from experiments.fit import run_fit
     from experiments.tracking import client, run_config, tracking_uri
@@ -67,7 +74,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         table.add_column(column, overflow="fold")
     for r in results:
         loss = "-" if r.final_loss is None else f"{r.final_loss:.4f}"
-        table.add_row(r.arm.key, r.status, loss, r.samples_dir or (r.error or "-"), r.run_id)
+        samples = _relative(r.samples_dir) if r.samples_dir else (r.error or "-")
+        table.add_row(r.arm.key.replace(",", "\n"), r.status, loss, samples, r.run_id[:8])
     console.print(table)
     composed = compose(load_ablation(args.ablation).experiment)
     console.print(_ui_hint(tracking_uri(composed.cfg)))
