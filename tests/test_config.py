@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
-from experiments.config import REPO_CONFIGS, ConfigError, compose, flatten, groups, parse_override
+from experiments.config import REPO_CONFIGS, ConfigError, compose, flatten, groups, load_yaml, parse_override
 from experiments.sweep import load_ablation
 
 EXPERIMENTS = sorted(p.stem for p in (REPO_CONFIGS / "experiment").glob("*.yaml"))
@@ -129,4 +129,5 @@ def test_resolved_config_recomposes_to_itself(tmp_path, out_dir):
     saved.write_text(to_yaml(composed.cfg))
     again = compose(saved)
     assert again.cfg == composed.cfg
-    assert flatten(again.cfg)["backbone.dim"] == 192
+    preset = load_yaml(REPO_CONFIGS / "backbone" / "dit_small.yaml")
+    assert flatten(again.cfg)["backbone.dim"] == preset["dim"] and again.cfg["seed"] == 3
