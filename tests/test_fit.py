@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,11 @@ def module_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smoke_run(module_out):
     composed = compose("smoke")
-    return composed, run_fit(composed)
+    start = time.perf_counter()
+    result = run_fit(composed)
+    seconds = time.perf_counter() - start
+    assert seconds < 60, f"smoke.yaml must fit in under 60 s on CPU, took {seconds:.1f} s"
+    return composed, result
 
 
 @pytest.fixture
