@@ -45,14 +45,38 @@ def check_kwargs(fn: Any, keys: list[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown key {key!r} for {name}; {nearest(key, valid)}")
 
 
+def _nested_where(where: str, key: str) -> str:
+    """``"file [backbone]"`` + ``experts`` → ``"file [backbone.experts]"``."""
+    return f"{where[:-1]}.{key}]" if where.endswith("]") else f"{where}.{key}"
+
+
+def _build_nested(value: Any, where: str, injected: dict[str, Any]) -> Any:
+    """Build every ``_target_`` node inside a constructor argument (in lists and mappings, at any
+    depth), passing ``injected`` down; other values are returned as they are."""
+    if isinstance(value, dict) and "_target_" in value:
+        return instantiate(value, where, **injected)
+    if isinstance(value, dict):
+        return {k: _build_nested(v, _nested_where(where, str(k)), injected) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build_nested(v, _nested_where(where, str(i)), injected) for i, v in enumerate(value)]
+    return value
+
+
 def instantiate(node: dict[str, Any], where: str, **injected: Any) -> Any:
     """Build ``node`` (a dict with ``_target_``). ``injected`` values fill parameters the node leaves
-    unset and the constructor accepts; values in the node win."""
+    unset and the constructor accepts; values in the node win.
+
+    Arguments that are themselves ``_target_`` nodes (or lists / mappings of them) are built first,
+    with the same ``injected`` values: ``TimestepExperts(experts={high_noise: {_target_: ...DiT}})``
+    receives built DiTs whose ``in_channels`` and ``text_dim`` came from the autoencoder and the text
+    encoder. Errors inside name the nested key (``[backbone.experts.high_noise]``).
+    """
     if not isinstance(node, dict) or "_target_" not in node:
         raise ConfigError(f"{where}: expected a mapping with a '_target_' key, got {node!r}")
     target = locate(node["_target_"], where)
     kwargs = {k: v for k, v in node.items() if k != "_target_"}
     check_kwargs(target, list(kwargs), where)
+    kwargs = {k: _build_nested(v, _nested_where(where, k), injected) for k, v in kwargs.items()}
     params = inspect.signature(target).parameters
     for key, value in injected.items():
         if key in params and key not in kwargs:
@@ -110,7 +134,7 @@ def build_datamodule(composed: Composed) -> L.LightningDataModule:
 def build_callbacks(composed: Composed) -> list[L.Callback]:
     where = _where(composed, "callbacks")
     nodes = composed.cfg["callbacks"] or {}
-    return [instantiate(node, f"{where[:-1]}.{name}]") for name, node in nodes.items() if node]
+    return [instantiate(node, _nested_where(where, name)) for name, node in nodes.items() if node]
 
 
 def trainer_kwargs(composed: Composed) -> dict[str, Any]:

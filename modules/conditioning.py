@@ -45,6 +45,11 @@ class Conditioning:
         context = None if self.context is None else self.context.to(device)
         return Conditioning(self.tokens.to(device), self.mask.to(device), context)
 
+    def select(self, index: Tensor) -> Conditioning:
+        """The rows ``index`` (a (K,) long tensor) of the batch: tokens (K, L, D), mask (K, L)."""
+        context = None if self.context is None else self.context[index]
+        return Conditioning(self.tokens[index], self.mask[index], context)
+
     @staticmethod
     def cat(a: Conditioning, b: Conditioning) -> Conditioning:
         """Concatenate two conditionings along the batch: (Ba + Bb, max(La, Lb), D).

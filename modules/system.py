@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from modules.conditioning import Conditioning
-from modules.samplers.guidance import classifier_free_guidance
+from modules.samplers.guidance import Scale, classifier_free_guidance, expert_cfg_scale
 
 
 @dataclass
@@ -30,10 +30,27 @@ class OptimConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Classifier-free guidance (Ho & Salimans 2022): caption dropout in training, scale at sampling."""
+    """Classifier-free guidance (Ho & Salimans 2022): caption dropout in training, scale at sampling.
+
+    ``cfg_scales`` (optional) replaces ``cfg_scale`` by one scale per time interval, highest noise
+    first, split at ``cfg_boundaries`` (sampler time, t = 0 data): Wan2.2 A14B uses [4.0, 3.0] split
+    at [0.875], one scale per expert.
+    """
 
     cond_dropout: float = 0.1
     cfg_scale: float = 4.0
+    cfg_scales: list[float] | None = None
+    cfg_boundaries: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cfg_scales is not None:
+            self.scale()  # raises ValueError when the scales and boundaries do not fit
+
+    def scale(self) -> Scale:
+        """The ``scale`` argument of `classifier_free_guidance`: a number, or s(t) per interval."""
+        if self.cfg_scales is None:
+            return self.cfg_scale
+        return expert_cfg_scale(self.cfg_boundaries or [], self.cfg_scales)
 
 
 class GeneratorSystem(L.LightningModule):
@@ -125,7 +142,7 @@ class GeneratorSystem(L.LightningModule):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
         shape = self.vae.latent_shape(num_frames, height, width)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        scale = self.guidance.cfg_scale if cfg_scale is None else cfg_scale
+        scale = self.guidance.scale() if cfg_scale is None else cfg_scale
         cond = self.encode_text(list(prompts))
         null = self.encode_text([""] * len(prompts))
 

@@ -1,5 +1,5 @@
 """DiT: shapes, AdaLN-Zero identity at init, training signal, patchify round trip, text mask,
-gradient checkpointing equivalence."""
+gradient checkpointing equivalence, for every self-attention layout; 3D RoPE makes it position-aware."""
 
 import pytest
 import torch
@@ -9,6 +9,8 @@ from modules.backbones.dit import DiT, patchify, unpatchify
 from modules.conditioning import Conditioning
 
 C, TEXT_DIM, L = 4, 16, 6
+LAYOUTS = [dict(attention="full"), dict(attention="factorized"), dict(attention="window", window=(2, 2, 2))]
+LAYOUT_IDS = ["full", "factorized", "window"]
 
 
 def make_model(**kw) -> DiT:
@@ -70,14 +72,17 @@ def test_patchify_unpatchify_round_trip_exact():
     assert torch.equal(tokens[:, 1], x[:, :, :2, :3, 2:4].reshape(3, -1))
 
 
-def test_adaln_zero_blocks_identity_and_zero_output_at_init():
-    model = make_model()
-    x, t, cond = make_inputs()
-    h = torch.randn(2, 16 * 2, 32)
-    c = model.t_embedder(t)
+@pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
+def test_adaln_zero_blocks_identity_and_zero_output_at_init(kw):
+    model = make_model(**kw)
+    x, t, cond = make_inputs(H=12)  # grid (2, 6, 4): the (2, 2, 2) windows need padding
+    h = torch.randn(2, 2 * 6 * 4, 32)
+    e = torch.stack(model.time_proj(model.t_embedder(t)), dim=1)
     text = model.text_embedder(cond.tokens)
+    windows = model.token_windows((2, 6, 4), 2)
+    assert len(windows) == len(model.blocks[0].attn) == (2 if kw["attention"] == "factorized" else 1)
     for block in model.blocks:
-        assert torch.equal(block(h, c, text, cond.mask), h)
+        assert torch.equal(block(h, e, text, cond.mask, windows), h)
     out = model(x, t, cond)
     assert torch.equal(out, torch.zeros_like(out))
     # init_weights() restores the identity after the weights were moved
@@ -87,9 +92,10 @@ def test_adaln_zero_blocks_identity_and_zero_output_at_init():
     assert torch.equal(model(x, t, cond), torch.zeros_like(out))
 
 
-def test_training_step_gives_finite_grads_and_changes_output():
-    model = make_model()
-    x, t, cond = make_inputs()
+@pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
+def test_training_step_gives_finite_grads_and_changes_output(kw):
+    model = make_model(**kw)
+    x, t, cond = make_inputs(H=12)
     before = model(x, t, cond).detach()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     target = torch.randn_like(x)
@@ -103,7 +109,8 @@ def test_training_step_gives_finite_grads_and_changes_output():
     after = model(x, t, cond).detach()
     assert (after - before).abs().max() > 1e-4
     assert model.final_layer.linear.weight.abs().max() > 0
-    assert model.blocks[0].adaLN.linear.weight.abs().max() > 0
+    assert model.time_proj.linear.weight.abs().max() > 0
+    assert model.blocks[0].modulation.abs().max() > 0
 
 
 def test_deterministic_in_eval():
@@ -131,11 +138,12 @@ def test_text_mask_matters():
     torch.testing.assert_close(out_valid[1], base[1], rtol=0, atol=1e-6)  # no leak across batch
 
 
-def test_grad_checkpointing_same_outputs_and_grads():
+@pytest.mark.parametrize("kw", LAYOUTS, ids=LAYOUT_IDS)
+def test_grad_checkpointing_same_outputs_and_grads(kw):
     x, t, cond = make_inputs()
     results = []
     for ckpt in (False, True):
-        model = make_model(grad_checkpointing=ckpt)
+        model = make_model(grad_checkpointing=ckpt, **kw)
         randomize_(model)
         out = model(x, t, cond)
         out.pow(2).mean().backward()
@@ -144,3 +152,39 @@ def test_grad_checkpointing_same_outputs_and_grads():
     assert torch.equal(out_a, out_b)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_rope_makes_the_output_depend_on_position():
+    """Without any position signal attention is permutation-equivariant; with RoPE swapping two
+    frames does not just swap the output frames. abs_pos adds the sin-cos embedding as well."""
+    x, t, cond = make_inputs(T=2)
+    swap = [1, 0]
+    for kw, aware in [(dict(rope=False), False), (dict(), True), (dict(rope=False, abs_pos=True), True)]:
+        model = make_model(**kw).eval()
+        randomize_(model)
+        with torch.no_grad():
+            out, out_swapped = model(x, t, cond), model(x[:, :, swap], t, cond)
+        gap = (out_swapped - out[:, :, swap]).abs().max()
+        assert (gap > 1e-3) if aware else (gap < 1e-5), (kw, gap)
+
+
+def test_bad_layout_and_head_size_raise():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        make_model(attention="sparse")
+    with pytest.raises(ValueError, match="even size with RoPE"):
+        make_model(dim=30, heads=2)  # head_dim 15
+
+
+def test_wan_1_3b_shape_on_meta_device():
+    """The Wan2.1-1.3B preset's shape, built without allocating: 30 blocks, FFN 8960, 1.4 B parameters
+    with a 4096-wide text encoder, and the analytic FLOPs of one 81x480x832 clip (21x60x104 latent)."""
+    with torch.device("meta"):
+        model = DiT(in_channels=16, text_dim=4096, dim=1536, depth=30, heads=12, mlp_ratio=8960 / 1536)
+    assert model.blocks[0].mlp.fc1.out_features == 8960
+    assert 1.40e9 < sum(p.numel() for p in model.parameters()) < 1.45e9
+    flops = model.flops((1, 16, 21, 60, 104), 512)
+    N = 21 * 30 * 52
+    # dominated by 30 blocks of 2·N·(4·D² self + 2·D² cross q/out + 2·D·8960 FFN) + 4·N²·D self and
+    # 4·N·L·D cross attention (283 PFLOP: attention over 32760 tokens is 70 % of it)
+    dominant = 30 * (2 * N * (6 * 1536**2 + 2 * 1536 * 8960) + 4 * N * N * 1536 + 4 * N * 512 * 1536)
+    assert 1.0 < flops / dominant < 1.002

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -73,6 +74,28 @@ def test_smoke_fit_logs_params_metrics_config_and_playable_mp4(smoke_run, out_di
     scale = composed.cfg["callbacks"]["samples"]["display_scale"]
     assert video.shape == (4, 16 * scale, 16 * scale, 3) and video.dtype == np.uint8
     assert (Path(result.samples[0]).read_bytes()[4:8]) == b"ftyp"
+
+
+def test_smoke_fit_logs_model_card(smoke_run):
+    """callbacks/model_card.py: model_card.json and model/* metrics at fit start, from the built model."""
+    from dit_arithmetic import dit_parameters
+
+    composed, result = smoke_run
+    client = MlflowClient(tracking_uri(composed.cfg))
+    card = json.loads(Path(client.download_artifacts(result.run_id, "model_card.json")).read_text())
+    backbone = composed.cfg["backbone"]
+    total = dit_parameters(3, composed.cfg["text"]["dim"], backbone["dim"], backbone["depth"], backbone["heads"],
+                           tuple(backbone["patch"]), backbone["mlp_ratio"])
+    data = composed.cfg["data"]
+    assert card["params"] == {"total": total, "trainable": total, "active": total}
+    assert card["checkpoint_bytes"] == {"fp32": 4 * total, "bf16": 2 * total, "int8": total}
+    assert card["x_shape"] == [data["batch_size"], 3, data["num_frames"], data["height"], data["width"]]
+    assert card["text_len"] == composed.cfg["text"]["max_length"]
+    assert card["flops"]["cfg"] is True and card["flops"]["sampling_steps"] == composed.cfg["sampler"]["steps"]
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["model/params_total"] == total and metrics["model/checkpoint_bytes_bf16"] == 2 * total
+    if card["flops"]["forward"] is not None:
+        assert metrics["model/flops_train_step"] == 3 * card["flops"]["forward"]
 
 
 def test_checkpoint_loads_without_pickle_and_samples_deterministically(smoke_run, out_dir, tmp_path):

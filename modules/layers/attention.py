@@ -1,17 +1,142 @@
-"""Multi-head self-attention and text cross-attention through `F.scaled_dot_product_attention`.
+"""Self-attention over a (T', H', W') token grid in three layouts, and text cross-attention; both
+through `F.scaled_dot_product_attention` (SDPA) with a fused QKV projection.
 
-Optional QK-norm (RMSNorm on each head's queries and keys, per head channel) as in SD3 / Wan,
-which keeps attention logits bounded when training at scale (Dehghani et al. 2023, ViT-22B).
+Layouts (config string -> the self-attention sublayers of one block):
+
+- `full`: one sublayer, every token attends to all T'·H'·W' tokens (DiT, Wan).
+- `factorized`: two sublayers, each with its own weights and its own residual: temporal attention
+  over the T' tokens at each spatial location, then spatial attention over the H'·W' tokens of each
+  frame (divided space-time attention of TimeSformer, Bertasius et al. 2021; Latte variant 3).
+- `window`: one sublayer, attention inside non-overlapping local 3D windows of (wt, wh, ww) tokens
+  (Swin, Liu et al. 2021, without the shifted windows; Video Swin in 3D). A window larger than the
+  grid is clamped to it; a grid not divisible by the window is zero-padded at the far end of each
+  axis and the padded keys are masked out (padded queries are computed and dropped).
+
+Every layout is the same operation on a different grouping: tokens are cut into windows
+(full = one window, temporal = (T', 1, 1), spatial = (1, H', W')), attended within each window, and
+put back. 3D RoPE is applied to queries and keys with each token's own (t, h, w) position.
+QK-norm: RMSNorm over each head's channels (SD3, Wan uses one over all heads; Dehghani et al.
+2023, ViT-22B), which keeps attention logits bounded when training at scale.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.layers.norms import RMSNorm
+from modules.layers.rope import apply_rope, grid_positions, rope_frequencies
+
+Grid = tuple[int, int, int]
+
+# config string -> kinds of its self-attention sublayers, applied in this order within a block
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "full": ("full",),
+    "factorized": ("temporal", "spatial"),
+    "window": ("window",),
+}
+
+# sublayer kind -> its window (wt, wh, ww) for a (T', H', W') grid and the configured window size
+WINDOWS = {
+    "full": lambda grid, window: grid,
+    "temporal": lambda grid, window: (grid[0], 1, 1),
+    "spatial": lambda grid, window: (1, grid[1], grid[2]),
+    "window": lambda grid, window: tuple(min(int(w), g) for w, g in zip(window, grid)),
+}
+
+
+def padded_grid(grid: Grid, window: Grid) -> Grid:
+    """The grid rounded up to a whole number of windows on every axis."""
+    return tuple(-(-g // w) * w for g, w in zip(grid, window))
+
+
+def window_count(grid: Grid, window: Grid) -> tuple[int, int]:
+    """(windows per sample, tokens per window) of the padded grid."""
+    n_windows = 1
+    for g, w in zip(padded_grid(grid, window), window):
+        n_windows *= g // w
+    return n_windows, window[0] * window[1] * window[2]
+
+
+def window_partition(x: Tensor, grid: Grid, window: Grid) -> Tensor:
+    """Tokens (B, T'·H'·W', C) in (t, h, w) order -> windows (B·n_windows, wt·wh·ww, C).
+
+    Windows are ordered (batch, t, h, w) and tokens inside a window (t, h, w). Axes not divisible
+    by the window are zero-padded at the end. A window that spans whole trailing axes (full,
+    spatial) costs no copy.
+    """
+    B, _, C = x.shape
+    (nt, nh, nw), (wt, wh, ww) = grid, window
+    pt, ph, pw = padded_grid(grid, window)
+    x = x.view(B, nt, nh, nw, C)  # (B, T', H', W', C)
+    if (pt, ph, pw) != grid:
+        x = F.pad(x, (0, 0, 0, pw - nw, 0, ph - nh, 0, pt - nt))  # (B, pt, ph, pw, C)
+    x = x.view(B, pt // wt, wt, ph // wh, wh, pw // ww, ww, C)  # (B, nT, wt, nH, wh, nW, ww, C)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6, 7)  # (B, nT, nH, nW, wt, wh, ww, C)
+    return x.reshape(-1, wt * wh * ww, C)  # (B·n_windows, S, C)
+
+
+def window_merge(x: Tensor, grid: Grid, window: Grid) -> Tensor:
+    """Inverse of `window_partition`: (B·n_windows, wt·wh·ww, C) -> (B, T'·H'·W', C), padding cropped."""
+    (nt, nh, nw), (wt, wh, ww) = grid, window
+    pt, ph, pw = padded_grid(grid, window)
+    C = x.shape[-1]
+    x = x.view(-1, pt // wt, ph // wh, pw // ww, wt, wh, ww, C)  # (B, nT, nH, nW, wt, wh, ww, C)
+    x = x.permute(0, 1, 4, 2, 5, 3, 6, 7)  # (B, nT, wt, nH, wh, nW, ww, C)
+    x = x.reshape(-1, pt, ph, pw, C)  # (B, pt, ph, pw, C)
+    if (pt, ph, pw) != grid:
+        x = x[:, :nt, :nh, :nw]  # (B, T', H', W', C)
+    return x.reshape(-1, nt * nh * nw, C)  # (B, N, C)
+
+
+@dataclass
+class TokenWindows:
+    """How one self-attention sublayer groups the token grid, built once per forward and shared by
+    every block: the window, RoPE rotations of the tokens in window order (n_windows, S, 1, d/2)
+    complex or None, and the key mask (B·n_windows, 1, 1, S) bool (True = real token) or None when
+    nothing is padded."""
+
+    grid: Grid
+    window: Grid
+    freqs: Tensor | None
+    mask: Tensor | None
+
+    @classmethod
+    def build(
+        cls,
+        kind: str,
+        grid: Grid,
+        batch: int,
+        head_dim: int,
+        window: Grid | None = None,
+        rope: bool = True,
+        rope_theta: float = 10000.0,
+        t_offset: int = 0,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> TokenWindows:
+        """`kind` is a sublayer kind of `LAYOUTS`; `window` is only read for kind 'window';
+        `dtype` float64 gives float64 RoPE angles (complex128)."""
+        win = WINDOWS[kind](grid, window)
+        freqs = mask = None
+        if rope:
+            pos = window_partition(grid_positions(grid, t_offset, device)[None], grid, win)  # (n_win, S, 3)
+            freqs = rope_frequencies(pos, head_dim, rope_theta, torch.promote_types(dtype, torch.float32))
+            freqs = freqs[:, :, None]  # (n_win, S, 1, d/2), broadcast over heads
+        if padded_grid(grid, win) != grid:
+            valid = torch.ones(1, grid[0] * grid[1] * grid[2], 1, dtype=torch.bool, device=device)
+            valid = window_partition(valid, grid, win)[..., 0]  # (n_win, S)
+            mask = valid.repeat(batch, 1)[:, None, None, :]  # (B·n_win, 1, 1, S)
+        return cls(grid, win, freqs, mask)
+
+
 
 class SelfAttention(nn.Module):
-    """x (B, N, D) -> (B, N, D); softmax(q·kᵀ / √d_head)·v over all N tokens."""
+    """x (B, N, D) -> (B, N, D): softmax(q·kᵀ / √d_head)·v inside the windows of `windows`, with
+    QK-norm and 3D RoPE on q and k."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True) -> None:
         super().__init__()
@@ -20,17 +145,26 @@ class SelfAttention(nn.Module):
         self.heads = heads
         head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, windows: TokenWindows) -> Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
+        h, d = self.heads, D // self.heads
+        x = window_partition(x, windows.grid, windows.window)  # (G, S, D), G = B·n_win
+        G, S, _ = x.shape
+        q, k, v = self.qkv(x).view(G, S, 3, h, d).unbind(2)  # each (G, S, h, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+        if windows.freqs is not None:
+            per_sample = (B, windows.freqs.shape[0])  # G = B·n_win; freqs broadcast over the batch
+            q = apply_rope(q.unflatten(0, per_sample), windows.freqs).flatten(0, 1)  # (G, S, h, d)
+            k = apply_rope(k.unflatten(0, per_sample), windows.freqs).flatten(0, 1)  # (G, S, h, d)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=windows.mask
+        )  # (G, h, S, d), laid out as (G, S, h, d) by the CPU and CUDA kernels
+        out = window_merge(out.transpose(1, 2).reshape(G, S, D), windows.grid, windows.window)  # (B, N, D)
+        return self.proj(out)
 
 
 class CrossAttention(nn.Module):
@@ -48,18 +182,19 @@ class CrossAttention(nn.Module):
         head_dim = dim // heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         B, N, D = x.shape
         L = context.shape[1]
-        d = D // self.heads
-        q = self.q(x).view(B, N, self.heads, d).transpose(1, 2)  # (B, h, N, d)
-        kv = self.kv(context).view(B, L, 2, self.heads, d)  # (B, L, 2, h, d)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, L, d)
-        q, k = self.q_norm(q), self.k_norm(k)
+        h, d = self.heads, D // self.heads
+        q = self.q_norm(self.q(x).view(B, N, h, d))  # (B, N, h, d)
+        k, v = self.kv(context).view(B, L, 2, h, d).unbind(2)  # each (B, L, h, d)
+        k = self.k_norm(k)
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        )  # (B, h, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)

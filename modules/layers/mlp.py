@@ -1,7 +1,9 @@
-"""Two-layer GELU MLP (ViT / DiT feed-forward, tanh-approximated GELU as in DiT)."""
+"""Feed-forward layers: the two-layer GELU MLP (ViT / DiT, tanh-approximated GELU as in DiT and
+Wan) and SwiGLU (LLaMA, Movie Gen)."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -16,3 +18,19 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """x (..., dim) -> W₂·(SiLU(x·W₁) ⊙ x·W₃) -> (..., out_dim); Shazeer 2020 "GLU Variants Improve
+    Transformer" eq. 6 (FFN_SwiGLU, no biases as in LLaMA / Movie Gen). W₁ and W₃ are one fused
+    Linear(dim, 2·hidden) whose output rows [0, hidden) are W₁ and [hidden, 2·hidden) are W₃.
+    At equal `hidden` it has 1.5× the parameters of `Mlp`; LLaMA uses hidden = 2/3 · 4·dim."""
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.fc2 = nn.Linear(hidden_dim, out_dim if out_dim is not None else dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc1(x).chunk(2, dim=-1)  # 2 × (..., hidden)
+        return self.fc2(F.silu(gate) * up)

@@ -1,14 +1,22 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a wrapper around a velocity function:
-v = v_null + scale·(v_cond − v_null), with both branches in one batched forward."""
+v = v_null + s·(v_cond − v_null), with both branches in one batched forward.
+
+The scale s is a number, or a function of the sampler's time t (t = 0 data, t = 1 noise), e.g. one
+scale per expert of a timestep-routed MoE (Wan2.2 A14B: 4.0 for t ≥ 0.875, 3.0 below), built by
+`expert_cfg_scale`.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from modules.conditioning import Conditioning
+from modules.samplers.timesteps import interval_index
+
+Scale = Union[float, Callable[[Tensor], Union[float, Tensor]]]
 
 
 def _expand(cond: Conditioning, batch: int) -> Conditioning:
@@ -21,25 +29,52 @@ def _expand(cond: Conditioning, batch: int) -> Conditioning:
     return Conditioning(cond.tokens.expand(batch, -1, -1), cond.mask.expand(batch, -1), context)
 
 
+def expert_cfg_scale(boundaries: Sequence[float], scales: Sequence[float]) -> Callable[[Tensor], Tensor]:
+    """A guidance scale per time interval: s(t) = scales[k] for b_k ≤ t < b_{k−1}.
+
+    boundaries: descending, in (0, 1), on the sampler's time axis (t = 0 data, t = 1 noise);
+    scales: len(boundaries) + 1 values, highest noise first. Wan2.2 A14B:
+    ``expert_cfg_scale([0.875], [4.0, 3.0])``. Returns s(t): t (B,) -> (B,) in t's dtype.
+    """
+    if len(scales) != len(boundaries) + 1:
+        raise ValueError(
+            f"expert_cfg_scale: {len(boundaries)} boundaries need {len(boundaries) + 1} scales, got {list(scales)}"
+        )
+    if any(not 0.0 < b < 1.0 for b in boundaries):
+        raise ValueError(f"expert_cfg_scale: boundaries are times in (0, 1), got {list(boundaries)}")
+    values = torch.tensor([float(s) for s in scales], dtype=torch.float64)  # (K + 1,)
+    bounds = [float(b) for b in boundaries]
+
+    def scale(t: Tensor) -> Tensor:
+        return values.to(t.device)[interval_index(t, bounds)].to(t.dtype)  # (B,)
+
+    return scale
+
+
 def classifier_free_guidance(
     velocity: Callable[[Tensor, Tensor, Conditioning], Tensor],
     cond: Conditioning,
     null_cond: Conditioning,
-    scale: float,
+    scale: Scale,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """Return v(x, t) for a sampler: x (B, ...), t (B,).
+    """Return v(x, t) for a sampler: x (B, ...), t (B,) the sampler's time in [0, 1].
 
     velocity(x, t, cond) is e.g. `functools.partial(objective.velocity, net)`. null_cond has
-    batch B or 1; text lengths may differ from cond's (padded with mask False). scale == 1
-    skips the null branch: only the conditional forward runs.
+    batch B or 1; text lengths may differ from cond's (padded with mask False). scale is a number
+    or a function s(t) of the sampler's time returning a number or a (B,) tensor (see
+    `expert_cfg_scale`). A number equal to 1 skips the null branch: only the conditional forward
+    runs.
     """
-    if scale == 1.0:
+    if not callable(scale) and scale == 1.0:
         return lambda x, t: velocity(x, t, cond)
     both = Conditioning.cat(cond, _expand(null_cond, len(cond)))  # (2B, L_max, D)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
+        s = scale(t) if callable(scale) else scale
+        if isinstance(s, Tensor):
+            s = s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ..., 1)
         v = velocity(torch.cat([x, x]), torch.cat([t, t]), both)  # (2B, ...)
         v_cond, v_null = v.chunk(2)  # each (B, ...)
-        return v_null + scale * (v_cond - v_null)
+        return v_null + s * (v_cond - v_null)
 
     return guided

@@ -1,0 +1,129 @@
+"""Backbone training speed: our DiT (configs/backbone/dit_bench.yaml) against diffusers'
+`WanTransformer3DModel` of equal size, same run, CPU fp32.
+
+Both: dim 384 = 6 heads x 64, FFN 1536 (GELU-tanh), 6 layers, patch (1, 2, 2), QK-norm, 3D RoPE,
+16 latent channels, latent (16, 5, 16, 16) = 320 tokens per sample, batch 4, 16 text tokens of width
+384. One step = forward + MSE loss + backward + AdamW (the same `torch.optim.AdamW(fused=True)` for
+both; the per-parameter for-loop AdamW costs ~3x more on CPU for either model). Steps of the two
+models alternate (ours first in even rounds, theirs first in odd ones) after warm-up, so drifts of
+machine speed hit both alike; the speed ratio is the median over rounds of the paired ratios.
+
+FLOPs are analytic (`DiT.flops`: every matmul, attention included, 2 per multiply-add; a training
+step is 3x forward); the two models run the same matmuls (to 0.01 %: ours has one extra (B, D)x(D, 2D)
+AdaLN product in its final layer), so the same count serves both. The fp32 matmul peak is the best
+of a few 2048^3 `torch.mm`, timed before and after the rounds in the same process.
+
+    python benchmarks/backbones.py [--rounds 15] [--warmup 3] [--threads 2]
+
+Prints `name: value` lines: `dit_vs_diffusers` (their step time / ours, target >= 1.1) and
+`dit_mfu` (target >= 0.60), plus `diffusers_mfu`, `matmul_peak_gflops` and per-step ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from experiments.build import instantiate
+from experiments.config import REPO_CONFIGS, load_yaml
+from modules.conditioning import Conditioning
+
+BATCH, CHANNELS, LATENT, TEXT_LEN, TEXT_DIM = 4, 16, (5, 16, 16), 16, 384
+PRESET = REPO_CONFIGS / "backbone" / "dit_bench.yaml"
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n^3 fp32 `torch.mm` over `repeats` tries."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def diffusers_wan(cfg: dict) -> torch.nn.Module:
+    """diffusers' Wan transformer with the size of our preset (their defaults otherwise:
+    cross_attn_norm, RMSNorm QK-norm across heads, eps 1e-6)."""
+    from diffusers import WanTransformer3DModel
+
+    head_dim = cfg["dim"] // cfg["heads"]
+    return WanTransformer3DModel(
+        patch_size=tuple(cfg["patch"]), num_attention_heads=cfg["heads"], attention_head_dim=head_dim,
+        in_channels=CHANNELS, out_channels=CHANNELS, text_dim=TEXT_DIM, freq_dim=256,
+        ffn_dim=round(cfg["dim"] * cfg["mlp_ratio"]), num_layers=cfg["depth"],
+    )
+
+
+def train_step(forward: Callable[[], torch.Tensor], target: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    """Seconds for one forward + MSE + backward + optimizer step."""
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    F.mse_loss(forward(), target).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = load_yaml(PRESET)
+    torch.manual_seed(0)
+    ours = instantiate(cfg, str(PRESET), in_channels=CHANNELS, text_dim=TEXT_DIM)
+    theirs = diffusers_wan(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, CHANNELS, *LATENT, generator=g)
+    t = torch.rand(BATCH, generator=g) * 1000  # both embed t on the 1000-step scale
+    text = torch.randn(BATCH, TEXT_LEN, TEXT_DIM, generator=g)
+    cond = Conditioning(text, torch.ones(BATCH, TEXT_LEN, dtype=torch.bool))
+    target = torch.randn(x.shape, generator=g)
+    models = {
+        "dit": (lambda: ours(x, t, cond), torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)),
+        "diffusers": (
+            lambda: theirs(x, t, text, return_dict=False)[0],
+            torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True),
+        ),
+    }
+    assert ours(x, t, cond).shape == theirs(x, t, text, return_dict=False)[0].shape == x.shape
+
+    peak = matmul_peak_flops()
+    for _ in range(args.warmup):
+        for forward, optimizer in models.values():
+            train_step(forward, target, optimizer)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(args.rounds):
+        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
+        for name in order:
+            seconds[name].append(train_step(*models[name][:1], target, models[name][1]))
+    peak = max(peak, matmul_peak_flops())
+
+    train_flops = 3 * ours.flops(tuple(x.shape), TEXT_LEN)
+    step = {name: statistics.median(s) for name, s in seconds.items()}
+    ratio = statistics.median(d / o for d, o in zip(seconds["diffusers"], seconds["dit"]))
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dit", ours), ("diffusers", theirs))}
+    print(f"shape: batch {BATCH} x latent ({CHANNELS}, {', '.join(map(str, LATENT))}), {TEXT_LEN} text tokens")
+    print(f"dit_params_m: {params['dit'] / 1e6:.2f}")
+    print(f"diffusers_params_m: {params['diffusers'] / 1e6:.2f}")
+    print(f"train_step_gflop: {train_flops / 1e9:.1f}")
+    print(f"matmul_peak_gflops: {peak / 1e9:.1f}")
+    print(f"dit_step_ms: {1000 * step['dit']:.0f}")
+    print(f"diffusers_step_ms: {1000 * step['diffusers']:.0f}")
+    print(f"dit_vs_diffusers: {ratio:.3f}")
+    print(f"dit_mfu: {train_flops / step['dit'] / peak:.3f}")
+    print(f"diffusers_mfu: {train_flops / step['diffusers'] / peak:.3f}")
+
+
+if __name__ == "__main__":
+    main()
