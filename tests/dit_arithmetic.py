@@ -23,7 +23,7 @@ def dit_parameters(
     """Full attention, GELU MLP: x_embedder, t_embedder (256 → D → D), the shared AdaLN projection
     (D → 6·D, Wan), text_embedder (D_t → D → D), `depth` blocks, final layer."""
     C, P, D, F, d = in_channels, math.prod(patch), dim, round(dim * mlp_ratio), dim // heads
-    qk = 2 * d if qk_norm else 0  # RMSNorm weights on the queries and keys of one head
+    qk = 2 * D if qk_norm else 0  # RMSNorm weights on all D channels of the queries and keys (Wan)
     block = (
         linear(D, 3 * D) + qk + linear(D, D)  # self-attention: fused qkv, QK-norm, output projection
         + 2 * D  # norm_cross: LayerNorm with weight and bias (norm1, norm2 have none)
@@ -37,7 +37,7 @@ def dit_parameters(
         + linear(D, 6 * D)  # shared AdaLN projection: shift, scale, gate for attention and MLP
         + linear(text_dim, D) + linear(D, D)  # text_embedder
         + depth * block
-        + linear(D, P * C) + linear(D, 2 * D)  # final layer: Linear and AdaLN (shift, scale)
+        + linear(D, P * C) + 2 * D  # final layer: Linear and its (shift, scale) table added to c (Wan)
     )
 
 
@@ -65,5 +65,5 @@ def dit_forward_flops(
         + mm(B, D, 6 * D)  # shared AdaLN projection
         + mm(B * L, text_dim, D) + mm(B * L, D, D)  # text_embedder
         + depth * block
-        + mm(B, D, 2 * D) + mm(B * N, D, P * C)  # final layer
+        + mm(B * N, D, P * C)  # final layer (its shift and scale are a table plus c: no matmul)
     )

@@ -176,15 +176,80 @@ def test_bad_layout_and_head_size_raise():
 
 
 def test_wan_1_3b_shape_on_meta_device():
-    """The Wan2.1-1.3B preset's shape, built without allocating: 30 blocks, FFN 8960, 1.4 B parameters
-    with a 4096-wide text encoder, and the analytic FLOPs of one 81x480x832 clip (21x60x104 latent)."""
+    """The Wan2.1-1.3B preset's shape, built without allocating: 30 blocks, FFN 8960, the parameter
+    count of Wan2.1-T2V-1.3B with a 4096-wide text encoder, and the analytic FLOPs of one 81x480x832
+    clip (21x60x104 latent)."""
     with torch.device("meta"):
         model = DiT(in_channels=16, text_dim=4096, dim=1536, depth=30, heads=12, mlp_ratio=8960 / 1536)
     assert model.blocks[0].mlp.fc1.out_features == 8960
-    assert 1.40e9 < sum(p.numel() for p in model.parameters()) < 1.45e9
+    assert sum(p.numel() for p in model.parameters()) == 1_418_996_800  # diffusers' Wan2.1-T2V-1.3B count
     flops = model.flops((1, 16, 21, 60, 104), 512)
     N = 21 * 30 * 52
     # dominated by 30 blocks of 2·N·(4·D² self + 2·D² cross q/out + 2·D·8960 FFN) + 4·N²·D self and
     # 4·N·L·D cross attention (283 PFLOP: attention over 32760 tokens is 70 % of it)
     dominant = 30 * (2 * N * (6 * 1536**2 + 2 * 1536 * 8960) + 4 * N * N * 1536 + 4 * N * 512 * 1536)
     assert 1.0 < flops / dominant < 1.002
+
+
+def _load_diffusers_wan(ours: DiT, theirs) -> None:
+    """Copy a diffusers `WanTransformer3DModel`'s weights into our DiT (same function, other names):
+    q/k/v fused into qkv, k/v into kv, the output Linear's rows from (pt, ph, pw, C) to (C, pt, ph, pw)."""
+    s = theirs.state_dict()
+    D = ours.dim
+    pt, ph, pw = ours.patch
+    new = {
+        "x_embedder.weight": s["patch_embedding.weight"].reshape(D, -1),
+        "x_embedder.bias": s["patch_embedding.bias"],
+        "final_layer.modulation": s["scale_shift_table"][0],
+        "final_layer.linear.weight": s["proj_out.weight"].view(pt, ph, pw, -1, D).permute(3, 0, 1, 2, 4).reshape(-1, D),
+        "final_layer.linear.bias": s["proj_out.bias"].view(pt, ph, pw, -1).permute(3, 0, 1, 2).reshape(-1),
+    }
+    pairs = {
+        "t_embedder.mlp.0": "condition_embedder.time_embedder.linear_1",
+        "t_embedder.mlp.2": "condition_embedder.time_embedder.linear_2",
+        "time_proj.linear": "condition_embedder.time_proj",
+        "text_embedder.fc1": "condition_embedder.text_embedder.linear_1",
+        "text_embedder.fc2": "condition_embedder.text_embedder.linear_2",
+    }
+    for i in range(len(ours.blocks)):
+        b = f"blocks.{i}."  # the same block prefix on both sides
+        pairs.update({
+            b + "attn.0.proj": b + "attn1.to_out.0", b + "cross_attn.q": b + "attn2.to_q",
+            b + "cross_attn.proj": b + "attn2.to_out.0", b + "norm_cross": b + "norm2",
+            b + "mlp.fc1": b + "ffn.net.0.proj", b + "mlp.fc2": b + "ffn.net.2",
+        })
+        for mine, their_attn in (("attn.0", "attn1"), ("cross_attn", "attn2")):
+            new[f"{b}{mine}.q_norm.weight"] = s[f"{b}{their_attn}.norm_q.weight"]
+            new[f"{b}{mine}.k_norm.weight"] = s[f"{b}{their_attn}.norm_k.weight"]
+        for kind in ("weight", "bias"):
+            new[f"{b}attn.0.qkv.{kind}"] = torch.cat([s[f"{b}attn1.to_{n}.{kind}"] for n in "qkv"])
+            new[f"{b}cross_attn.kv.{kind}"] = torch.cat([s[f"{b}attn2.to_{n}.{kind}"] for n in "kv"])
+        new[b + "modulation"] = s[b + "scale_shift_table"][0]
+    for mine, their_name in pairs.items():
+        for kind in ("weight", "bias"):
+            new[f"{mine}.{kind}"] = s[f"{their_name}.{kind}"]
+    ours.load_state_dict(new, strict=True)
+
+
+def test_same_function_as_diffusers_wan_transformer():
+    """With diffusers' weights, our DiT (full attention, 3D RoPE, QK-norm across heads, AdaLN with a
+    shared time projection, GELU-tanh) computes what `WanTransformer3DModel` computes: an independent
+    check of the RoPE bands and pairing, the AdaLN chunk order and the patch layout."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    theirs = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=80, num_layers=2,
+    ).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = make_model(dim=48, heads=3, mlp_ratio=80 / 48).eval()
+    _load_diffusers_wan(ours, theirs)
+    x, t, cond = make_inputs(T=3, H=8, W=6)
+    cond = Conditioning(cond.tokens, torch.ones_like(cond.mask))  # diffusers' Wan takes no text mask
+    with torch.no_grad():
+        expected = theirs(x, t, cond.tokens, return_dict=False)[0]
+        out = ours(x, t, cond)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

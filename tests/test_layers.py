@@ -3,6 +3,7 @@ self-attention layouts (factorized and window against float64 einsum / per-windo
 RMSNorm and SwiGLU, and the DiT's analytic FLOPs against `FlopCounterMode`."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modules.backbones.dit import DiT
 from modules.conditioning import Conditioning
-from modules.layers.attention import SelfAttention, TokenWindows
+from modules.layers.attention import SelfAttention, TokenWindows, qk_norm_rope
 from modules.layers.mlp import SwiGLU
 from modules.layers.norms import RMSNorm
 from modules.layers.rope import apply_rope, axis_bands, grid_positions, rope_frequencies
@@ -81,18 +82,19 @@ def test_time_offset_equals_shifting_the_grid():
 
 
 def _reference_qkv(attn: SelfAttention, x: torch.Tensor, grid, theta: float = 10000.0):
-    """q, k, v (B, N, heads, d) with per-head RMSNorm and interleaved-pair RoPE written out with
-    cos/sin, from the module's weights; tokens in (t, h, w) order."""
+    """q, k, v (B, N, heads, d) with RMSNorm over all D channels (before the head split) and
+    interleaved-pair RoPE written out with cos/sin, from the module's weights; tokens (t, h, w)."""
     B, N, D = x.shape
     heads = attn.heads
     d = D // heads
     qkv = torch.einsum("bnc,oc->bno", x, attn.qkv.weight) + attn.qkv.bias  # (B, N, 3D)
-    q, k, v = qkv.view(B, N, 3, heads, d).unbind(2)
+    q, k, v = qkv.view(B, N, 3, D).unbind(2)
 
     def rms(z, w):
         return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 
-    q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    q, k = rms(q, attn.q_norm.weight).view(B, N, heads, d), rms(k, attn.k_norm.weight).view(B, N, heads, d)
+    v = v.view(B, N, heads, d)
     d_hw = 2 * (d // 6)
     bands = [(0, d - 2 * d_hw), (1, d_hw), (2, d_hw)]  # (axis, channels)
     tt, hh, ww = torch.meshgrid(*[torch.arange(n, dtype=F64) for n in grid], indexing="ij")
@@ -224,6 +226,27 @@ def test_rmsnorm_matches_torch_and_its_backward_is_exact():
     assert torch.autograd.gradcheck(RMSNorm(16, elementwise_affine=False).double(), (x,))
 
 
+def test_fused_qk_norm_rope_equals_norm_then_rope_with_exact_gradients():
+    torch.manual_seed(0)
+    norm = RMSNorm(24).double()
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(24, dtype=F64))
+    freqs = rope_frequencies(grid_positions((2, 2, 3)), 8, dtype=F64)[None, :, None]  # (1, 12, 1, 4)
+    x = torch.randn(2, 1, 12, 2, 24, dtype=F64)[..., 0, :].requires_grad_()  # (B, n_win, S, D), a slice as of qkv
+    fused = qk_norm_rope(x, norm, freqs, heads=3)  # one autograd node
+    unfused = apply_rope(norm(x).unflatten(-1, (3, -1)), freqs)
+    assert "QKNormRope" in type(fused.grad_fn.next_functions[0][0]).__name__  # behind the head-split view
+    torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
+    weight = norm.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, w: qk_norm_rope(x, SimpleNamespace(weight=w, eps=1e-6), freqs, 3), (x, weight)
+    )
+    grads = torch.autograd.grad(fused.square().sum(), [x, norm.weight])
+    refs = torch.autograd.grad(unfused.square().sum(), [x, norm.weight])
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
 def test_swiglu_matches_float64_einsum_reference():
     torch.manual_seed(0)
     mlp = SwiGLU(12, 20, 10).double()
@@ -247,8 +270,9 @@ def test_swiglu_matches_float64_einsum_reference():
         dict(attention="window", window=(2, 2, 2)),
         dict(attention="window", window=(2, 3, 3)),  # padded windows
         dict(attention="full", mlp="swiglu"),
+        dict(attention="full", rope=False, qk_norm=False, mlp="gelu"),
     ],
-    ids=["full", "factorized", "window", "window-padded", "swiglu"],
+    ids=["full", "factorized", "window", "window-padded", "swiglu", "plain"],
 )
 def test_flops_match_flop_counter(kw):
     torch.manual_seed(0)

@@ -28,23 +28,23 @@ def test_card_of_dit_tiny_matches_hand_arithmetic(dit_tiny):
     model, preset, text_dim = dit_tiny
     total = dit_parameters(3, text_dim, preset["dim"], preset["depth"], preset["heads"], tuple(preset["patch"]),
                            preset["mlp_ratio"], preset["qk_norm"])
-    assert total == 588_240  # about 0.6 M, the preset's comment
+    assert total == 570_672  # about 0.6 M, the preset's comment
     card = model_card(model, X_SHAPE, TEXT_LEN, STEPS, cfg=True)
     json.dumps(card)  # JSON-ready
     assert card["backbone"] == "modules.backbones.dit.DiT"
     assert card["params"] == {"total": total, "trainable": total, "active": total}
     assert state_numel(model) == total  # the DiT has no persistent buffers
-    assert card["checkpoint_bytes"] == {"fp32": 2_352_960, "bf16": 1_176_480, "int8": 588_240}
+    assert card["checkpoint_bytes"] == {"fp32": 2_282_688, "bf16": 1_141_344, "int8": 570_672}
     assert card["adamw_state_bytes"] == 8 * total
     model.requires_grad_(False)
     model.final_layer.requires_grad_(True)
-    assert model_card(model, X_SHAPE, TEXT_LEN, STEPS, cfg=True)["params"]["trainable"] == 96 * 48 + 48 + 96 * 192 + 192
+    assert model_card(model, X_SHAPE, TEXT_LEN, STEPS, cfg=True)["params"]["trainable"] == 96 * 48 + 48 + 2 * 96  # Linear + (shift, scale) table
 
 
 def test_card_flops_are_3x_forward_to_train_and_2x_to_sample_with_cfg(dit_tiny):
     model, preset, text_dim = dit_tiny
     forward = dit_forward_flops(X_SHAPE, TEXT_LEN, text_dim, preset["dim"], preset["depth"], tuple(preset["patch"]))
-    assert forward == 244_457_472
+    assert forward == 244_310_016
     assert model.flops(X_SHAPE, TEXT_LEN) == forward  # the DiT's own analytic count, full attention
     card = model_card(model, X_SHAPE, TEXT_LEN, STEPS, cfg=True)
     flops = card["flops"]

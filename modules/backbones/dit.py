@@ -14,12 +14,15 @@ RoPE (`modules.layers.rope`), computed once per forward and shared by all blocks
 absolute sin-cos position embedding (as in Wan); `abs_pos=True` adds the latter as well.
 
 AdaLN as in Wan: one projection of the timestep embedding, SiLU → Linear(D, 3·(n_self + 1)·D), is
-shared by all blocks, and each block adds its own learned table (3·(n_self + 1), D) to it. Both
-start at zero (AdaLN-Zero): every gate is 0 and, with the cross-attention output projection zero
-(PixArt-α), every block is exactly the identity at initialisation and the final layer outputs zeros.
+shared by all blocks, and each block adds its own learned table (3·(n_self + 1), D) to it; the final
+layer's (shift, scale) are its own table plus the timestep embedding. Projection and tables start at
+zero (AdaLN-Zero): every gate is 0 and, with the cross-attention output projection zero (PixArt-α),
+every block is exactly the identity at initialisation; the final Linear is zero, so is the output.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +34,8 @@ from modules.layers.attention import LAYOUTS, WINDOWS, CrossAttention, SelfAtten
 from modules.layers.embeddings import TimestepEmbedder, sincos_3d
 from modules.layers.mlp import Mlp, SwiGLU
 
-MLPS = {"gelu": Mlp, "swiglu": SwiGLU}
+# feed-forward choices: DiT / Wan's GELU-tanh MLP, the exact-GELU MLP, SwiGLU (LLaMA, Movie Gen)
+MLPS = {"gelu_tanh": Mlp, "gelu": partial(Mlp, approximate="none"), "swiglu": SwiGLU}
 
 
 def patchify(x: Tensor, patch: tuple[int, int, int]) -> Tensor:
@@ -65,7 +69,7 @@ class DiTBlock(nn.Module):
     module docstring. `n_self` = 1 for full and window attention, 2 for factorized."""
 
     def __init__(
-        self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool = True, n_self: int = 1, mlp: str = "gelu"
+        self, dim: int, heads: int, mlp_hidden: int, qk_norm: bool = True, n_self: int = 1, mlp: str = "gelu_tanh"
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -89,16 +93,17 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """x (B, N, D) -> AdaLN (shift, scale from c) -> Linear -> (B, N, patch_volume·C_out)."""
+    """x (B, N, D) -> LN -> modulate by (shift, scale) = learned table + c (Wan's head) -> Linear
+    -> (B, N, patch_volume·C_out); c (B, D) is the timestep embedding."""
 
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, out_dim)
-        self.adaLN = AdaLNZero(dim, dim, 2)
+        self.modulation = nn.Parameter(torch.zeros(2, dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN(c)  # 2 × (B, D)
+        shift, scale = (self.modulation + c[:, None]).unbind(1)  # 2 × (B, D)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -114,7 +119,8 @@ class DiT(nn.Module):
     `t` arrives already scaled by the objective (e.g. t·1000); it is only embedded here.
 
     attention: 'full' | 'factorized' | 'window'; window: (wt, wh, ww) tokens, for 'window' only.
-    mlp: 'gelu' (`Mlp`) | 'swiglu' (`SwiGLU`), hidden width round(dim·mlp_ratio).
+    mlp: 'gelu_tanh' (`Mlp`, as DiT and Wan) | 'gelu' (exact GELU) | 'swiglu' (`SwiGLU`), hidden
+    width round(dim·mlp_ratio).
     rope: 3D RoPE on queries and keys (theta `rope_theta`); abs_pos: add the 3D sin-cos embedding.
     """
 
@@ -132,7 +138,7 @@ class DiT(nn.Module):
         grad_checkpointing: bool = False,
         attention: str = "full",
         window: list[int] | tuple = (4, 8, 8),
-        mlp: str = "gelu",
+        mlp: str = "gelu_tanh",
         rope: bool = True,
         rope_theta: float = 10000.0,
         abs_pos: bool = False,
@@ -184,21 +190,28 @@ class DiT(nn.Module):
         for module in self.modules():
             if isinstance(module, AdaLNZero):
                 module.reset_parameters()
+        for module in (*self.blocks, self.final_layer):
+            nn.init.zeros_(module.modulation)
         for block in self.blocks:
-            nn.init.zeros_(block.modulation)
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def token_windows(
-        self, grid: tuple[int, int, int], batch: int, device: torch.device | None = None, dtype=torch.float32
+        self,
+        grid: tuple[int, int, int],
+        batch: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        t_offset: int = 0,
     ) -> list[TokenWindows]:
-        """One `TokenWindows` per self-attention sublayer (RoPE and masks), shared by all blocks."""
+        """One `TokenWindows` per self-attention sublayer (RoPE and masks), shared by all blocks;
+        `t_offset` shifts the RoPE time positions (frame k of a frame-by-frame generator)."""
         return [
             TokenWindows.build(
                 kind, grid, batch, self.dim // self.heads, self.window, self.rope, self.rope_theta,
-                device=device, dtype=dtype,
+                t_offset, device, dtype,
             )
             for kind in LAYOUTS[self.attention]
         ]
@@ -242,7 +255,7 @@ class DiT(nn.Module):
         N, D, L = grid[0] * grid[1] * grid[2], self.dim, text_len
         total = _linear_flops(self.x_embedder, B * N) + _linear_flops(self.final_layer.linear, B * N)
         total += _linear_flops(self.t_embedder, B) + _linear_flops(self.time_proj, B)
-        total += _linear_flops(self.final_layer.adaLN, B) + _linear_flops(self.text_embedder, B * L)
+        total += _linear_flops(self.text_embedder, B * L)
         for block in self.blocks:
             for kind, attn in zip(LAYOUTS[self.attention], block.attn):
                 n_win, S = window_count(grid, WINDOWS[kind](grid, self.window))

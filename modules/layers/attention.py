@@ -15,8 +15,13 @@ Layouts (config string -> the self-attention sublayers of one block):
 Every layout is the same operation on a different grouping: tokens are cut into windows
 (full = one window, temporal = (T', 1, 1), spatial = (1, H', W')), attended within each window, and
 put back. 3D RoPE is applied to queries and keys with each token's own (t, h, w) position.
-QK-norm: RMSNorm over each head's channels (SD3, Wan uses one over all heads; Dehghani et al.
-2023, ViT-22B), which keeps attention logits bounded when training at scale.
+QK-norm (Dehghani et al. 2023, ViT-22B), which keeps attention logits bounded when training at scale:
+RMSNorm over all D channels of the queries (and of the keys) before the heads are split, as Wan and
+diffusers' `rms_norm_across_heads` do (SD3 and Flux normalise each head separately).
+
+For speed on CPU, QK-norm and RoPE run as one autograd node (`_QKNormRope`): the rotation needs
+nothing saved (its backward rotates back by the conjugate), so the normalised tensor is rotated in
+place and the pair allocates one tensor in the forward instead of three.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modules.layers.norms import RMSNorm
-from modules.layers.rope import apply_rope, grid_positions, rope_frequencies
+from modules.layers.norms import RMSNorm, rms_norm_backward, rms_norm_forward
+from modules.layers.rope import apply_rope, grid_positions, rope_frequencies, rotate_
 
 Grid = tuple[int, int, int]
 
@@ -133,6 +138,33 @@ class TokenWindows:
         return cls(grid, win, freqs, mask)
 
 
+class _QKNormRope(torch.autograd.Function):
+    """x (B, n_win, S, D) -> RMSNorm over D (weight w), then RoPE per head of size D / heads."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, freqs: Tensor, heads: int) -> Tensor:
+        y, r = rms_norm_forward(x, weight, eps)  # (B, n_win, S, D)
+        rotate_(y.unflatten(-1, (heads, -1)), freqs)  # freqs (n_win, S, 1, d/2)
+        ctx.save_for_backward(x, r, weight, freqs)
+        ctx.heads = heads
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None, None]:
+        x, r, weight, freqs = ctx.saved_tensors
+        grad = apply_rope(grad.unflatten(-1, (ctx.heads, -1)), freqs.conj()).flatten(-2)  # rotate back
+        grad_x, grad_w = rms_norm_backward(grad, x, r, weight, grad_is_scratch=True)
+        return grad_x, grad_w, None, None, None
+
+
+def qk_norm_rope(x: Tensor, norm: RMSNorm | None, freqs: Tensor | None, heads: int) -> Tensor:
+    """Queries or keys x (B, n_win, S, D) -> (B, n_win, S, heads, d): QK-norm (when `norm`) then
+    RoPE (when `freqs`, shaped (n_win, S, 1, d/2)); one autograd node when both, in fp32/fp64."""
+    if norm is not None and freqs is not None and x.dtype in (torch.float32, torch.float64):
+        return _QKNormRope.apply(x, norm.weight, norm.eps, freqs, heads).unflatten(-1, (heads, -1))
+    x = (norm(x) if norm is not None else x).unflatten(-1, (heads, -1))  # (B, n_win, S, h, d)
+    return apply_rope(x, freqs) if freqs is not None else x
+
 
 class SelfAttention(nn.Module):
     """x (B, N, D) -> (B, N, D): softmax(q·kᵀ / √d_head)·v inside the windows of `windows`, with
@@ -143,26 +175,24 @@ class SelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(dim) if qk_norm else None
+        self.k_norm = RMSNorm(dim) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, windows: TokenWindows) -> Tensor:
         B, N, D = x.shape
-        h, d = self.heads, D // self.heads
+        h = self.heads
         x = window_partition(x, windows.grid, windows.window)  # (G, S, D), G = B·n_win
         G, S, _ = x.shape
-        q, k, v = self.qkv(x).view(G, S, 3, h, d).unbind(2)  # each (G, S, h, d)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if windows.freqs is not None:
-            per_sample = (B, windows.freqs.shape[0])  # G = B·n_win; freqs broadcast over the batch
-            q = apply_rope(q.unflatten(0, per_sample), windows.freqs).flatten(0, 1)  # (G, S, h, d)
-            k = apply_rope(k.unflatten(0, per_sample), windows.freqs).flatten(0, 1)  # (G, S, h, d)
+        per_sample = (B, window_count(windows.grid, windows.window)[0])  # RoPE broadcasts over the batch
+        q, k, v = self.qkv(x).view(G, S, 3, D).unflatten(0, per_sample).unbind(3)  # each (B, n_win, S, D)
+        q = qk_norm_rope(q, self.q_norm, windows.freqs, h).flatten(0, 1)  # (G, S, h, d)
+        k = qk_norm_rope(k, self.k_norm, windows.freqs, h).flatten(0, 1)  # (G, S, h, d)
+        v = v.flatten(0, 1).unflatten(-1, (h, -1))  # (G, S, h, d)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=windows.mask
-        )  # (G, h, S, d), laid out as (G, S, h, d) by the CPU and CUDA kernels
+        )  # (G, h, S, d); the CPU kernel lays it out as (G, S, h, d), so the reshape below is a view
         out = window_merge(out.transpose(1, 2).reshape(G, S, D), windows.grid, windows.window)  # (B, N, D)
         return self.proj(out)
 
@@ -179,20 +209,18 @@ class CrossAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        head_dim = dim // heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
-        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(dim) if qk_norm else None
+        self.k_norm = RMSNorm(dim) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         B, N, D = x.shape
-        L = context.shape[1]
-        h, d = self.heads, D // self.heads
-        q = self.q_norm(self.q(x).view(B, N, h, d))  # (B, N, h, d)
-        k, v = self.kv(context).view(B, L, 2, h, d).unbind(2)  # each (B, L, h, d)
-        k = self.k_norm(k)
+        h = self.heads
+        q = qk_norm_rope(self.q(x), self.q_norm, None, h)  # (B, N, h, d)
+        k, v = self.kv(context).unflatten(-1, (2, D)).unbind(2)  # each (B, L, D)
+        k, v = qk_norm_rope(k, self.k_norm, None, h), v.unflatten(-1, (h, -1))  # each (B, L, h, d)
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask

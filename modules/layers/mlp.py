@@ -8,12 +8,15 @@ from torch import Tensor, nn
 
 
 class Mlp(nn.Module):
-    """x (..., in_dim) -> Linear(in_dim, hidden) → GELU(tanh) → Linear(hidden, out_dim)."""
+    """x (..., in_dim) -> Linear(in_dim, hidden) → GELU → Linear(hidden, out_dim).
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None) -> None:
+    approximate: 'tanh' (DiT, Wan; Hendrycks & Gimpel 2016 eq. 2) or 'none' (exact, x·Φ(x)). On CPU
+    in torch 2.13 the exact form is about 2x faster forward + backward (tanh is the slow part)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, approximate: str = "tanh") -> None:
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden_dim, out_dim if out_dim is not None else in_dim)
 
     def forward(self, x: Tensor) -> Tensor:

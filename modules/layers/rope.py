@@ -58,6 +58,13 @@ def rope_frequencies(
     return torch.polar(torch.ones_like(angles), angles)  # (..., d/2) complex
 
 
+def rotate_(x: Tensor, freqs: Tensor) -> Tensor:
+    """In place and outside autograd: `x = apply_rope(x, freqs)` for a float32/float64 x whose last
+    dim is contiguous. Its backward is the rotation by `freqs.conj()`, which needs nothing saved."""
+    torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(freqs)  # (..., d/2) complex view of x
+    return x
+
+
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate channel pairs (2j, 2j+1) of x by `freqs` (RoFormer eq. 34 in complex form).
 
@@ -66,5 +73,7 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     Half-precision inputs are rotated in float32 and cast back. Returns a tensor shaped like x.
     """
     work = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 -> fp32, fp32 and fp64 stay
-    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)))  # (..., d/2) complex
-    return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)  # (..., d)
+    pairs = x.to(work).unflatten(-1, (-1, 2))  # (..., d/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs whole complex numbers in memory
+    return torch.view_as_real(torch.view_as_complex(pairs) * freqs).flatten(-2).to(x.dtype)  # (..., d)
