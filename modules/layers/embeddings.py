@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from modules.layers.rope import axis_bands
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of a scalar per sample.
@@ -62,14 +64,10 @@ def sincos_1d(pos: Tensor, dim: int) -> Tensor:
 def sincos_3d(grid: tuple[int, int, int], dim: int, device: torch.device | None = None) -> Tensor:
     """Fixed 3D sin-cos position embedding for a (T', H', W') token grid, computed for any size.
 
-    Separate bands: t gets d_t = dim − 4·(dim // 6) channels, h and w get 2·(dim // 6) each
-    (the split Wan uses for its 3D RoPE). Each band is `sincos_1d` of that axis' integer index.
+    Separate bands, split as `modules.layers.rope.axis_bands` splits a head for 3D RoPE (Wan). Each band is `sincos_1d` of that axis' integer index.
     Returns (T'·H'·W', dim), tokens in row-major (t, h, w) order, the order of `patchify`.
     """
-    if dim % 2:
-        raise ValueError(f"3D sin-cos embedding needs an even dim, got {dim}")
-    d_hw = 2 * (dim // 6)
-    d_t = dim - 2 * d_hw
+    d_t, d_hw, _ = axis_bands(dim)  # raises on an odd dim
     nt, nh, nw = grid
     tt, hh, ww = torch.meshgrid(
         torch.arange(nt, device=device),
