@@ -170,15 +170,15 @@ class SelfAttention(nn.Module):
     """x (B, N, D) -> (B, N, D): softmax(q·kᵀ / √d_head)·v inside the windows of `windows`, with
     QK-norm and 3D RoPE on q and k."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, qk_norm: bool = True, bias: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.q_norm = RMSNorm(dim) if qk_norm else None
         self.k_norm = RMSNorm(dim) if qk_norm else None
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, windows: TokenWindows) -> Tensor:
         B, N, D = x.shape
@@ -204,16 +204,16 @@ class CrossAttention(nn.Module):
     encoders guarantee it), otherwise softmax over an empty set gives NaN.
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True) -> None:
+    def __init__(self, dim: int, context_dim: int, heads: int, qk_norm: bool = True, bias: bool = True) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
         self.q_norm = RMSNorm(dim) if qk_norm else None
         self.k_norm = RMSNorm(dim) if qk_norm else None
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
         B, N, D = x.shape
