@@ -8,6 +8,7 @@ decides what goes where, when guidance applies, and what a checkpoint carries.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from modules.conditioning import Conditioning
 from modules.samplers.guidance import Scale, classifier_free_guidance, expert_cfg_scale
+from modules.samplers.rollout import frame_rollout
 
 
 @dataclass
@@ -105,7 +107,8 @@ class GeneratorSystem(L.LightningModule):
         cond = self.encode_text(self.drop_captions(batch["caption"]))
         with torch.no_grad():
             x0 = self.vae.encode(batch["video"])  # (B, C, T', H', W'), normalised by the VAE
-        out = self.objective.loss(self.backbone, x0, cond)
+        per_frame = bool(getattr(self.backbone, "per_frame_time", False))  # diffusion forcing
+        out = self.objective.loss(self.backbone, x0, cond, per_frame=per_frame)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=x0.shape[0])
         return out.loss
 
@@ -152,7 +155,12 @@ class GeneratorSystem(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            x0 = self.sampler.sample(classifier_free_guidance(velocity, cond, null, scale), noise.to(self.device))
+            noise = noise.to(self.device)
+            if hasattr(self.backbone, "new_cache"):  # frame-autoregressive: chunk by chunk with a KV cache
+                guide = partial(classifier_free_guidance, cond=cond, null_cond=null, scale=scale)
+                x0 = frame_rollout(self.backbone, self.objective, self.sampler, guide, noise)
+            else:
+                x0 = self.sampler.sample(classifier_free_guidance(velocity, cond, null, scale), noise)
             return self.vae.decode(x0).clamp(-1.0, 1.0)
         finally:
             self.train(was_training)

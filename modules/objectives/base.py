@@ -13,7 +13,8 @@ from modules.conditioning import Conditioning
 
 @dataclass
 class LossOutput:
-    """loss: scalar mean over the batch; t: (B,) the drawn times; per_sample: (B,) losses."""
+    """loss: scalar mean over the batch; t: (B,) or per frame (B, T) the drawn times; per_sample:
+    (B,) losses."""
 
     loss: Tensor
     t: Tensor
@@ -22,10 +23,11 @@ class LossOutput:
 
 @runtime_checkable
 class Objective(Protocol):
-    def loss(self, net, x0: Tensor, cond: Conditioning) -> LossOutput:
-        """Draw t and noise, form x_t, regress the network output on the target."""
+    def loss(self, net, x0: Tensor, cond: Conditioning, per_frame: bool = False) -> LossOutput:
+        """Draw t and noise, form x_t, regress the network output on the target. ``per_frame``: one
+        t per frame, (B, T), for backbones that declare ``per_frame_time`` (diffusion forcing)."""
         ...
 
     def velocity(self, net, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """dx_t/dt at (x_t, t), t (B,) in [0, 1] with t = 0 data and t = 1 noise."""
+        """dx_t/dt at (x_t, t), t (B,) or (B, T) in [0, 1] with t = 0 data and t = 1 noise."""
         ...

@@ -44,11 +44,14 @@ class RectifiedFlow:
         self.logit_std = logit_std
         self.time_scale = time_scale
 
-    def sample_t(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-        """Draw training times, (batch,) float32 in [0, 1]."""
+    def sample_t(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None, frames: int | None = None
+    ) -> Tensor:
+        """Draw training times in [0, 1], float32: (batch,), or (batch, frames) independent per frame."""
+        shape = (batch,) if frames is None else (batch, frames)
         if self.time_sampling == "uniform":
-            return torch.rand(batch, generator=generator, device=device)
-        eps = torch.randn(batch, generator=generator, device=device)
+            return torch.rand(shape, generator=generator, device=device)
+        eps = torch.randn(shape, generator=generator, device=device)
         return torch.sigmoid(self.logit_mean + self.logit_std * eps)
 
     def interpolate(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -61,16 +64,21 @@ class RectifiedFlow:
         return noise - x0
 
     def velocity(self, net, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Predicted dx_t/dt = net(x_t, t·time_scale, cond); t (B,) in [0, 1]."""
+        """Predicted dx_t/dt = net(x_t, t·time_scale, cond); t (B,) or per frame (B, T), in [0, 1]."""
         return net(x_t, t * self.time_scale, cond)
 
-    def loss(self, net, x0: Tensor, cond: Conditioning, generator: torch.Generator | None = None) -> LossOutput:
-        """Draw t (B,) and noise ~ N(0, I), return the MSE between velocity and target.
+    def loss(
+        self, net, x0: Tensor, cond: Conditioning, generator: torch.Generator | None = None, per_frame: bool = False
+    ) -> LossOutput:
+        """Draw t and noise ~ N(0, I), return the MSE between velocity and target.
 
-        per_sample: (B,) mean of squared error over all non-batch elements; loss: its mean.
+        t is (B,), or with ``per_frame`` (B, T) for x0 (B, C, T, H, W): each frame its own noise
+        level (diffusion forcing, Chen et al. 2024). per_sample: (B,) mean of squared error over
+        all non-batch elements; loss: its mean.
         """
         B = x0.shape[0]
-        t = self.sample_t(B, x0.device, generator).to(x0.dtype)  # (B,)
+        frames = x0.shape[2] if per_frame else None
+        t = self.sample_t(B, x0.device, generator, frames).to(x0.dtype)  # (B,) or (B, T)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.interpolate(x0, noise, t)
         v = self.velocity(net, x_t, t, cond)

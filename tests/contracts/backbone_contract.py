@@ -21,6 +21,9 @@ Conventions a backbone may declare (class attributes or properties):
   the meta device, moved with ``to_empty`` and initialised works (FSDP2's way to build large models).
 - ``flops(x_shape, text_len) -> int`` — analytic forward FLOPs (multiply-add = 2), within 10 % of
   `FlopCounterMode`.
+- ``per_frame_time: bool`` — True: forward also takes one time per frame, t (B, T) (the objective
+  then trains it with diffusion forcing); t (B,) means every frame at that time, and a frame's time
+  changes the output of that frame.
 """
 
 from __future__ import annotations
@@ -202,6 +205,22 @@ def check_grad_checkpointing(model: nn.Module, inputs: Inputs) -> None:
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def check_per_frame_time(model: nn.Module, inputs: Inputs) -> None:
+    """For ``per_frame_time`` backbones: t (B,) equals t repeated over the T frames, bit for bit,
+    and changing the last frame's time changes the last frame's output."""
+    if not getattr(model, "per_frame_time", False):
+        pytest.skip(f"{type(model).__name__} takes one time per sample (no per_frame_time)")
+    perturb_(model).eval()
+    frames = inputs.x.shape[2]
+    t_frames = inputs.t[:, None].repeat(1, frames)  # (B, T)
+    with torch.no_grad():
+        a, b = _forward(model, inputs), model(inputs.x, t_frames, inputs.cond)
+        t_frames[:, -1] = t_frames[:, -1] * 0.5 + 0.1 * TIME_SCALE
+        c = model(inputs.x, t_frames, inputs.cond)
+    assert torch.equal(a, b), f"t (B,) and t repeated to (B, T) differ by {(a - b).abs().max().item():.3g}"
+    assert not torch.equal(c[:, :, -1], a[:, :, -1]), "the last frame's time does not reach its output"
+
+
 def declares_identity_at_init(model: nn.Module) -> bool:
     """The ``identity_at_init`` convention: the declared value, or, when undeclared (None), whether
     the model contains an AdaLN module."""
@@ -334,6 +353,7 @@ def check_backbone(build: Build, in_channels: int, text_dim: int, inputs: Inputs
         lambda: check_finite_gradients(fresh(), inputs),
         lambda: check_empty_batch(fresh(), inputs),
         lambda: check_grad_checkpointing(fresh(), inputs),
+        lambda: check_per_frame_time(fresh(), inputs),
         lambda: check_identity_at_init(fresh, inputs),
         lambda: check_meta_init(fresh, inputs),
         lambda: check_state_dict_round_trip(fresh, inputs),

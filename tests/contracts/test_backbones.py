@@ -31,6 +31,7 @@ from .backbone_contract import (
     check_meta_init,
     check_meta_only,
     check_output_shape,
+    check_per_frame_time,
     check_state_dict_round_trip,
     make_inputs,
     meta_parameter_count,
@@ -108,6 +109,11 @@ def test_empty_batch(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_grad_checkpointing(name):
     check_grad_checkpointing(built(name), INPUTS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_per_frame_time(name):
+    check_per_frame_time(built(name), INPUTS)
 
 
 @pytest.mark.parametrize("name", PRESETS)

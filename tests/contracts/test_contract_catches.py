@@ -20,6 +20,7 @@ from .backbone_contract import (
     check_identity_at_init,
     check_meta_init,
     check_output_shape,
+    check_per_frame_time,
     check_state_dict_round_trip,
     make_inputs,
 )
@@ -49,6 +50,7 @@ class ToyDenoiser(nn.Module):
         super().__init__()
         self.defect = defect
         self.grad_checkpointing = False
+        self.per_frame_time = defect == "frame_t_ignored"  # claims per-frame times, then drops them
         self.embed = nn.Linear(in_channels, dim)
         self.time = nn.Linear(1, dim)
         self.text = nn.Linear(text_dim, dim)
@@ -74,6 +76,8 @@ class ToyDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         B, C, T, H, W = x.shape
+        if t.dim() == 2:
+            t = t[:, 0]  # the "frame_t_ignored" defect: every frame gets the first frame's time
         mask = cond.mask[..., None].to(x.dtype)  # (B, L, 1)
         c = self.time(t[:, None] / 1000) + self.text((cond.tokens * mask).sum(1) / mask.sum(1))  # (B, dim)
         h = self.embed(x.flatten(2).transpose(1, 2))  # (B, N, dim)
@@ -108,7 +112,8 @@ def build(defect: str | None = None):
 
 
 def test_a_good_backbone_passes_every_check():
-    assert check_backbone(build(), C, TEXT_DIM, INPUTS) == []
+    skipped = check_backbone(build(), C, TEXT_DIM, INPUTS)
+    assert len(skipped) == 1 and "no per_frame_time" in skipped[0]  # the toy takes one t per sample
 
 
 @pytest.mark.parametrize(
@@ -123,6 +128,7 @@ def test_a_good_backbone_passes_every_check():
         ("init_forgets", lambda b: check_meta_init(b, INPUTS), "left these uninitialised.*out"),
         ("unsaved", lambda b: check_state_dict_round_trip(b, INPUTS), "reloaded model differs"),
         ("flops", lambda b: check_flops(b, tuple(INPUTS.x.shape), 6, TEXT_DIM), r"\+100\.0 %"),
+        ("frame_t_ignored", lambda b: check_per_frame_time(b(), INPUTS), "last frame's time does not reach"),
     ],
 )
 def test_each_defect_is_caught(defect, check, message):
