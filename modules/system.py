@@ -43,16 +43,27 @@ class GuidanceConfig:
     cfg_scale: float = 4.0
     cfg_scales: list[float] | None = None
     cfg_boundaries: list[float] | None = None
+    cfg_interval: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.cfg_scales is not None:
             self.scale()  # raises ValueError when the scales and boundaries do not fit
+        self.interval()  # raises ValueError on a malformed interval
 
     def scale(self) -> Scale:
         """The ``scale`` argument of `classifier_free_guidance`: a number, or s(t) per interval."""
         if self.cfg_scales is None:
             return self.cfg_scale
         return expert_cfg_scale(self.cfg_boundaries or [], self.cfg_scales)
+
+    def interval(self) -> tuple[float, float] | None:
+        """The ``interval`` argument of `classifier_free_guidance`: guidance only for sampler times
+        t in [start, stop] (Kynkäänniemi et al. 2024), or None for every step."""
+        if self.cfg_interval is None:
+            return None
+        if len(self.cfg_interval) != 2 or not 0.0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1.0:
+            raise ValueError(f"guidance.cfg_interval must be [start, stop] with 0 <= start <= stop <= 1, got {self.cfg_interval}")
+        return float(self.cfg_interval[0]), float(self.cfg_interval[1])
 
 
 class GeneratorSystem(L.LightningModule):
@@ -144,10 +155,18 @@ class GeneratorSystem(L.LightningModule):
         if len(prompts) != len(seeds):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
         shape = self.vae.latent_shape(num_frames, height, width)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
         scale = self.guidance.scale() if cfg_scale is None else cfg_scale
         cond = self.encode_text(list(prompts))
         null = self.encode_text([""] * len(prompts))
+        guide = partial(
+            classifier_free_guidance, cond=cond, null_cond=null, scale=scale, interval=self.guidance.interval()
+        )
+        # stochastic samplers (DDPM, DDIM η > 0) continue each seed's generator after its starting noise
+        options: dict[str, Any] = {"path": self.objective.path}
+        if getattr(self.sampler, "stochastic", False):
+            options["generator"] = generators
 
         def velocity(x: Tensor, t: Tensor, c: Conditioning) -> Tensor:
             return self.objective.velocity(self.backbone, x, t, c)
@@ -157,10 +176,9 @@ class GeneratorSystem(L.LightningModule):
         try:
             noise = noise.to(self.device)
             if hasattr(self.backbone, "new_cache"):  # frame-autoregressive: chunk by chunk with a KV cache
-                guide = partial(classifier_free_guidance, cond=cond, null_cond=null, scale=scale)
-                x0 = frame_rollout(self.backbone, self.objective, self.sampler, guide, noise)
+                x0 = frame_rollout(self.backbone, self.objective, self.sampler, guide, noise, **options)
             else:
-                x0 = self.sampler.sample(classifier_free_guidance(velocity, cond, null, scale), noise)
+                x0 = self.sampler.sample(guide(velocity), noise, **options)
             return self.vae.decode(x0).clamp(-1.0, 1.0)
         finally:
             self.train(was_training)

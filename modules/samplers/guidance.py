@@ -4,6 +4,16 @@ v = v_null + s·(v_cond − v_null), with both branches in one batched forward.
 The scale s is a number, or a function of the sampler's time t (t = 0 data, t = 1 noise), e.g. one
 scale per expert of a timestep-routed MoE (Wan2.2 A14B: 4.0 for t ≥ 0.875, 3.0 below), built by
 `expert_cfg_scale`.
+
+Guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves
+Sample and Distribution Quality in Diffusion Models"): guidance applied only for noise levels in a
+middle range [σ_lo, σ_hi] and the conditional velocity elsewhere,
+
+    v(x, t) = v_null + s(t)·(v_cond − v_null)   if start ≤ t ≤ stop,     v_cond(x, t) otherwise,
+
+written here on the sampler's time axis (the paper's interval is on EDM's σ = σ(t)/α(t), which maps
+to t monotonically: EDM2-XXL's (0.28, 5.42] is t ∈ (0.22, 0.84] on the linear path, t = σ/(1 + σ)). High-noise guidance mostly collapses diversity, low-noise guidance does little;
+outside the interval only the conditional forward runs.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ def classifier_free_guidance(
     cond: Conditioning,
     null_cond: Conditioning,
     scale: Scale,
+    interval: Sequence[float] | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Return v(x, t) for a sampler: x (B, ...), t (B,) the sampler's time in [0, 1].
 
@@ -63,18 +74,32 @@ def classifier_free_guidance(
     batch B or 1; text lengths may differ from cond's (padded with mask False). scale is a number
     or a function s(t) of the sampler's time returning a number or a (B,) tensor (see
     `expert_cfg_scale`). A number equal to 1 skips the null branch: only the conditional forward
-    runs.
+    runs. interval: optional (start, stop), 0 ≤ start ≤ stop ≤ 1: guidance only for samples with
+    start ≤ t ≤ stop, the conditional velocity for the others (Kynkäänniemi et al. 2024); a step whose
+    samples all lie outside runs the conditional forward alone.
     """
+    if interval is not None:
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            raise ValueError(f"interval must be (start, stop) with 0 <= start <= stop <= 1, got {interval}")
+        start, stop = float(interval[0]), float(interval[1])
     if not callable(scale) and scale == 1.0:
         return lambda x, t: velocity(x, t, cond)
     both = Conditioning.cat(cond, _expand(null_cond, len(cond)))  # (2B, L_max, D)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
+        inside = None
+        if interval is not None:
+            inside = (t >= start) & (t <= stop)  # (B,)
+            if not bool(inside.any()):
+                return velocity(x, t, cond)
         s = scale(t) if callable(scale) else scale
         if isinstance(s, Tensor):
             s = s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))  # (B, 1, ..., 1)
         v = velocity(torch.cat([x, x]), torch.cat([t, t]), both)  # (2B, ...)
         v_cond, v_null = v.chunk(2)  # each (B, ...)
-        return v_null + s * (v_cond - v_null)
+        out = v_null + s * (v_cond - v_null)
+        if inside is not None and not bool(inside.all()):
+            out = torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), out, v_cond)
+        return out
 
     return guided

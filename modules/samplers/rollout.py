@@ -28,12 +28,15 @@ Velocity = Callable[[Tensor, Tensor, Conditioning], Tensor]  # v(x, t, cond)
 Guide = Callable[[Velocity], Callable[[Tensor, Tensor], Tensor]]  # velocity -> v(x, t) for a sampler
 
 
-def frame_rollout(backbone, objective, sampler, guide: Guide, noise: Tensor, cached: bool = True) -> Tensor:
+def frame_rollout(
+    backbone, objective, sampler, guide: Guide, noise: Tensor, cached: bool = True, **sample_options
+) -> Tensor:
     """noise (B, C, T, H, W) -> x0 (B, C, T, H, W), `backbone.chunk` frames at a time.
 
     objective: gives ``velocity(net, x, t, cond)`` (t per sample (B,) or per frame (B, T));
-    sampler: ``sample(v(x, t), noise) -> x0``; guide: turns a velocity(x, t, cond) into the v(x, t)
-    the sampler integrates, e.g. ``lambda v: classifier_free_guidance(v, cond, null, scale)``.
+    sampler: ``sample(v(x, t), noise, **sample_options) -> x0`` (e.g. ``path=objective.path``, a
+    generator); guide: turns a velocity(x, t, cond) into the v(x, t) the sampler integrates, e.g.
+    ``lambda v: classifier_free_guidance(v, cond, null, scale)``.
     """
     B, T = noise.shape[0], noise.shape[2]
     done: list[Tensor] = []
@@ -42,11 +45,14 @@ def frame_rollout(backbone, objective, sampler, guide: Guide, noise: Tensor, cac
         z = noise[:, :, start : start + backbone.chunk]  # (B, C, Tc, H, W)
         if cached:
             net = partial(backbone, cache=cache)
-            x0 = sampler.sample(guide(partial(objective.velocity, net)), z)
-            commit = guide(partial(objective.velocity, partial(backbone, cache=cache, commit=True)))
-            commit(x0, torch.zeros(B, dtype=x0.dtype, device=x0.device))  # adds the chunk's keys and values
+            x0 = sampler.sample(guide(partial(objective.velocity, net)), z, **sample_options)
+            # one forward of the clean chunk at t = 0 adds its keys and values; t = 0 is 0 on every
+            # objective's network scale, and the output is not used
+            commit = guide(lambda x, t, c: backbone(x, torch.zeros_like(t), c, cache=cache, commit=True))
+            commit(x0, torch.zeros(B, dtype=x0.dtype, device=x0.device))
         else:
-            x0 = sampler.sample(guide(partial(_with_past, objective, backbone, torch.cat(done, 2) if done else None)), z)
+            past = torch.cat(done, 2) if done else None
+            x0 = sampler.sample(guide(partial(_with_past, objective, backbone, past)), z, **sample_options)
         done.append(x0)
     return torch.cat(done, dim=2)
 
