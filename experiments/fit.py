@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.samples import SampleVideos
 from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
 from experiments.config import Composed
-from experiments.tracking import log_config, make_logger
+from experiments.tracking import git_state, log_config, make_logger
 
 
 @dataclass
@@ -39,7 +39,8 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     preset_tags = {f"vidlab.preset.{group}": name for group, name in composed.presets.items()}
     logger = make_logger(cfg, run_id=run_id, tags={**preset_tags, **(tags or {})})
     client, run = logger.experiment, logger.run_id
-    for key, value in {**preset_tags, **(tags or {})}.items():
+    # set here too: MLFlowLogger ignores its tags when it resumes an existing run (sweep children)
+    for key, value in {**git_state(), **preset_tags, **(tags or {})}.items():
         client.set_tag(run, key, value)
     log_config(client, run, cfg)
 

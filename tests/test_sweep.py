@@ -80,6 +80,7 @@ def test_interrupted_sweep_resumes_without_redoing_arms(tmp_path, out_dir):
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert {c.data.tags["vidlab.axis.objective"] for c in finished} == {"rectified_flow", "rectified_flow_lognorm"}
     assert all(c.data.params["trainer.max_steps"] == "2" for c in finished)
+    assert all(len(c.data.tags.get("mlflow.source.git.commit", "")) == 40 for c in finished), "child runs lack the commit"
 
 
 def test_failed_arm_is_recorded_and_others_continue(tmp_path, out_dir):

@@ -1,0 +1,133 @@
+"""Log the denoising error at matched log-SNR (`eval.denoising`) on a fixed held-out batch to MLflow.
+
+Unlike the training loss, ``eval/x0_mse`` compares across objectives: every arm, whatever its path
+(rectified flow, VP diffusion), time density or prediction (velocity, ε, v), is asked for the same
+thing, the clean latent x0 from x_t at log-SNR λ = log(α²/σ²) ∈ ``log_snrs``, on the same clips, the
+same captions and the same noise ε (a generator seeded with ``seed`` afresh at every evaluation).
+See eval/denoising.py for why equal λ means an identical denoising task on every path.
+
+Metrics, per evaluation, at the trainer's global step: ``eval/x0_mse_lsnr{λ}`` (e.g.
+``eval/x0_mse_lsnr-4``) = mean over clips and latent elements of (x̂0 − x0)², and ``eval/x0_mse`` =
+their mean over the λ grid (an unweighted average over a uniform λ grid, i.e. the x0 error integrated
+against a flat density in λ, cf. Kingma & Gao 2023's weighting functions w(λ)).
+
+The clips: ``data``, a datamodule built from its own config node (configs/callbacks/ablation.yaml
+renders a Shapes set with another seed than training, so the clips are held out), whose dataset's
+first ``num_clips`` items are used in order; without ``data`` the trainer's datamodule is used (its
+val split when it has one, else its train split; both fixed by ``data.seed``, not by the run seed).
+Clips go through ``pl_module.vae.encode`` and captions through ``pl_module.encode_text`` (no caption
+dropout), exactly as in training.
+
+Every rank evaluates (under FSDP the forward needs all ranks; under DDP the ranks compute the same
+numbers), the logger writes on rank 0 (Lightning loggers are rank-zero only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from eval.denoising import DEFAULT_LOG_SNRS, matched_snr_x0_error, metric_name
+
+
+class DenoisingError(L.Callback):
+    """Evaluate `eval.denoising.matched_snr_x0_error` at train end and every ``every_n_steps`` (0: end only).
+
+    data: a LightningDataModule (built from a ``_target_`` node) whose ``dataset`` holds the held-out
+    clips, or None for the trainer's datamodule; num_clips: clips evaluated (the first ones, in
+    order); batch_size: clips per forward pass (ε is drawn chunk by chunk from one generator, so
+    keep it, like ``seed``, the same across the arms compared); log_snrs: the λ grid;
+    seed: the noise generator's seed; prefix: metric name prefix. ``results`` holds the metrics of
+    the latest evaluation.
+    """
+
+    def __init__(
+        self,
+        data: Any = None,
+        num_clips: int = 64,
+        batch_size: int = 16,
+        log_snrs: Sequence[float] = DEFAULT_LOG_SNRS,
+        seed: int = 0,
+        every_n_steps: int = 0,
+        prefix: str = "eval/",
+    ) -> None:
+        if num_clips < 1 or batch_size < 1:
+            raise ValueError(f"num_clips and batch_size must be positive, got {num_clips}, {batch_size}")
+        if not log_snrs:
+            raise ValueError("log_snrs must list at least one log-SNR")
+        self.data = data
+        self.num_clips, self.batch_size = num_clips, batch_size
+        self.log_snrs = [float(v) for v in log_snrs]
+        self.seed, self.every_n_steps, self.prefix = seed, every_n_steps, prefix
+        self.results: dict[str, float] = {}
+        self._clips: tuple[Tensor, list[str]] | None = None
+        self._last_step = -1
+
+    # -- the fixed batch -------------------------------------------------------------------------
+
+    def _dataset(self, trainer: L.Trainer) -> Any:
+        if self.data is not None:
+            if getattr(self.data, "dataset", None) is None:
+                self.data.prepare_data()
+                self.data.setup("fit")
+            return self.data.dataset
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("DenoisingError: no 'data' given and the trainer has no datamodule")
+        return getattr(datamodule, "val_dataset", None) or datamodule.train_dataset
+
+    def clips(self, trainer: L.Trainer) -> tuple[Tensor, list[str]]:
+        """The held-out videos (N, 3, T, H, W) in [-1, 1] and their captions, loaded once."""
+        if self._clips is None:
+            dataset = self._dataset(trainer)
+            if len(dataset) < self.num_clips:
+                raise ValueError(f"DenoisingError: {self.num_clips} clips requested, the dataset has {len(dataset)}")
+            items = [dataset[i] for i in range(self.num_clips)]
+            self._clips = torch.stack([it["video"] for it in items]), [it["caption"] for it in items]
+        return self._clips
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        """The metrics of ``module`` now: {``eval/x0_mse_lsnr{λ}``: ..., ``eval/x0_mse``: ...}."""
+        videos, captions = self.clips(trainer)
+        generator = torch.Generator().manual_seed(self.seed)  # the same ε at every evaluation, in every arm
+        was_training = module.training
+        module.eval()
+        total = torch.zeros(len(self.log_snrs), dtype=torch.float64)
+        try:
+            with trainer.precision_plugin.forward_context():
+                for start in range(0, self.num_clips, self.batch_size):
+                    video = videos[start : start + self.batch_size].to(module.device)  # (b, 3, T, H, W)
+                    x0 = module.vae.encode(video)  # (b, C, T', H', W') normalised latents
+                    cond = module.encode_text(captions[start : start + self.batch_size])
+                    err = matched_snr_x0_error(module.objective, module.backbone, x0.float(), cond, self.log_snrs,
+                                               generator, per_sample=True)  # (L, b)
+                    total += err.sum(1)
+        finally:
+            module.train(was_training)
+        mse = total / self.num_clips  # (L,)
+        metrics = {metric_name(lam, self.prefix): float(m) for lam, m in zip(self.log_snrs, mse)}
+        metrics[f"{self.prefix}x0_mse"] = float(mse.mean())
+        return metrics
+
+    def log_evaluation(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        self.results = self.evaluate(trainer, module)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(self.results, step=step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.log_evaluation(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.log_evaluation(trainer, module)
