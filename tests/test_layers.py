@@ -1,6 +1,8 @@
 """Leaf layers against independent references: 3D RoPE (rotation, relative positions, time offset),
 self-attention layouts (factorized and window against float64 einsum / per-window references),
-RMSNorm and SwiGLU, and the DiT's analytic FLOPs against `FlopCounterMode`."""
+RMSNorm and SwiGLU, the fused autograd nodes (LN + modulate, QKV norm + RoPE, cross-attention with
+the projection moved onto the values) against their unfused compositions, and the DiT's analytic FLOPs
+against `FlopCounterMode`."""
 
 import math
 from types import SimpleNamespace
@@ -12,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modules.backbones.dit import DiT
 from modules.conditioning import Conditioning
-from modules.layers.attention import SelfAttention, TokenWindows, qk_norm_rope
+from modules.layers.adaln import layer_norm_modulate, modulate
+from modules.layers.attention import CrossAttention, SelfAttention, TokenWindows, qk_norm_rope, qkv_norm_rope
 from modules.layers.mlp import SwiGLU
 from modules.layers.norms import RMSNorm
 from modules.layers.rope import apply_rope, axis_bands, grid_positions, rope_frequencies
@@ -257,6 +260,74 @@ def test_swiglu_matches_float64_einsum_reference():
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), ref, rtol=1e-12, atol=1e-12)
     assert sum(p.numel() for p in mlp.parameters()) == 12 * 40 + 20 * 10  # no biases
+
+
+def test_layer_norm_modulate_equals_layer_norm_then_modulate_with_exact_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, dtype=F64, requires_grad=True)
+    shift, scale = torch.randn(2, 12, dtype=F64, requires_grad=True), torch.randn(2, 12, dtype=F64, requires_grad=True)
+    fused = layer_norm_modulate(x, shift, scale, 1e-6)
+    ref = modulate(torch.nn.functional.layer_norm(x, (12,), eps=1e-6), shift, scale)
+    assert "LayerNormModulate" in type(fused.grad_fn).__name__
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: layer_norm_modulate(*a, 1e-6), (x, shift, scale))
+    # only some inputs need gradients (shift and scale from a frozen table)
+    x2 = x.detach().requires_grad_()
+    (g,) = torch.autograd.grad(layer_norm_modulate(x2, shift.detach(), scale.detach()).square().sum(), [x2])
+    (r,) = torch.autograd.grad(modulate(torch.nn.functional.layer_norm(x2, (12,), eps=1e-6), shift, scale).square().sum(), [x2])
+    torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("rope", [True, False], ids=["rope", "no-rope"])
+def test_fused_qkv_norm_rope_equals_separate_norms_with_exact_gradients(rope):
+    torch.manual_seed(0)
+    D, heads = 24, 3
+    q_norm, k_norm = RMSNorm(D).double(), RMSNorm(D).double()
+    with torch.no_grad():
+        q_norm.weight.add_(torch.randn(D, dtype=F64))
+        k_norm.weight.add_(torch.randn(D, dtype=F64))
+    freqs = rope_frequencies(grid_positions((2, 2, 3)), 8, dtype=F64)[None, :, None] if rope else None  # (1, 12, 1, 4)
+    qkv = torch.randn(2, 1, 12, 3 * D, dtype=F64, requires_grad=True)  # (B, n_win, S, 3·D)
+    fused = qkv_norm_rope(qkv, q_norm, k_norm, freqs, heads)
+    q, k, v = qkv.unflatten(-1, (3, D)).unbind(-2)
+    refs = [qk_norm_rope(q, q_norm, freqs, heads), qk_norm_rope(k, k_norm, freqs, heads), v.unflatten(-1, (heads, -1))]
+    for a, b in zip(fused, refs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    weights = [q_norm.weight, k_norm.weight]
+    loss = lambda outs: sum((o * torch.linspace(-1, 1, o.numel(), dtype=F64).view_as(o)).square().sum() for o in outs)
+    for g, r in zip(torch.autograd.grad(loss(fused), [qkv, *weights]), torch.autograd.grad(loss(refs), [qkv, *weights])):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    wq, wk = (w.detach().clone().requires_grad_() for w in weights)
+    norms = lambda w: SimpleNamespace(weight=w, eps=1e-6)
+    assert torch.autograd.gradcheck(lambda x, a, b: qkv_norm_rope(x, norms(a), norms(b), freqs, heads), (qkv, wq, wk))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cross_attention_values_first_equals_attention_then_projection(bias):
+    torch.manual_seed(0)
+    B, N, D, heads, L = 3, 10, 32, 2, 5  # 2·heads·L <= D: the values-first path on CPU
+    attn = CrossAttention(D, 16, heads, bias=bias).double()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(B, N, D, dtype=F64, requires_grad=True)
+    ctx = torch.randn(B, L, 16, dtype=F64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 1, 0, 1]], dtype=torch.bool)
+    out = attn(x, ctx, mask)
+    # reference: float64 einsum attention per head, then the output projection
+    q = qk_norm_rope(attn.q(x), attn.q_norm, None, heads)  # (B, N, h, d)
+    k, v = attn.kv(ctx).unflatten(-1, (2, D)).unbind(2)
+    k, v = qk_norm_rope(k, attn.k_norm, None, heads), v.unflatten(-1, (heads, -1))
+    scores = torch.einsum("bnhd,blhd->bhnl", q, k) / math.sqrt(D // heads)
+    p = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
+    ref = attn.proj(torch.einsum("bhnl,blhd->bnhd", p, v).reshape(B, N, D))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(out.sin().sum(), [x, ctx, *attn.parameters()]),
+                    torch.autograd.grad(ref.sin().sum(), [x, ctx, *attn.parameters()])):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    # masked text tokens have no influence
+    ctx2 = ctx.detach().clone()
+    ctx2[1, 2:] = 100.0
+    torch.testing.assert_close(attn(x, ctx2, mask)[1], out[1], rtol=1e-12, atol=1e-12)
 
 
 # ---- analytic FLOPs ----------------------------------------------------------------------------

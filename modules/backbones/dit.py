@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from modules.conditioning import Conditioning
-from modules.layers.adaln import AdaLNZero, modulate
+from modules.layers.adaln import AdaLNZero, layer_norm_modulate, modulate
 from modules.layers.attention import LAYOUTS, WINDOWS, CrossAttention, SelfAttention, TokenWindows, window_count
 from modules.layers.embeddings import TimestepEmbedder, sincos_3d
 from modules.layers.mlp import Mlp, SwiGLU
@@ -86,10 +86,10 @@ class DiTBlock(nn.Module):
         mod = (e + self.modulation).unbind(1)  # 3·(n_self + 1) × (B, D): (shift, scale, gate) per sublayer
         for i, (attn, win) in enumerate(zip(self.attn, windows)):
             shift, scale, gate = mod[3 * i : 3 * i + 3]
-            x = torch.addcmul(x, gate[:, None], attn(modulate(self.norm1(x), shift, scale), win))
+            x = torch.addcmul(x, gate[:, None], attn(layer_norm_modulate(x, shift, scale, self.norm1.eps), win))
         x = x + self.cross_attn(self.norm_cross(x), text, text_mask)
         shift, scale, gate = mod[-3:]
-        return torch.addcmul(x, gate[:, None], self.mlp(modulate(self.norm2(x), shift, scale)))
+        return torch.addcmul(x, gate[:, None], self.mlp(layer_norm_modulate(x, shift, scale, self.norm2.eps)))
 
 
 class FinalLayer(nn.Module):
@@ -104,7 +104,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = (self.modulation + c[:, None]).unbind(1)  # 2 × (B, D)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(layer_norm_modulate(x, shift, scale, self.norm.eps))
 
 
 def _linear_flops(module: nn.Module, rows: int) -> int:
