@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from callbacks.held_out import HeldOutClips
 from eval.denoising import DEFAULT_LOG_SNRS, matched_snr_x0_error, metric_name
 
 
@@ -54,8 +55,8 @@ class DenoisingError(L.Callback):
         every_n_steps: int = 0,
         prefix: str = "eval/",
     ) -> None:
-        if num_clips < 1 or batch_size < 1:
-            raise ValueError(f"num_clips and batch_size must be positive, got {num_clips}, {batch_size}")
+        if batch_size < 1:
+            raise ValueError(f"DenoisingError: batch_size must be positive, got {batch_size}")
         if not log_snrs:
             raise ValueError("log_snrs must list at least one log-SNR")
         self.data = data
@@ -63,31 +64,12 @@ class DenoisingError(L.Callback):
         self.log_snrs = [float(v) for v in log_snrs]
         self.seed, self.every_n_steps, self.prefix = seed, every_n_steps, prefix
         self.results: dict[str, float] = {}
-        self._clips: tuple[Tensor, list[str]] | None = None
+        self._held_out = HeldOutClips(data, num_clips, "DenoisingError")
         self._last_step = -1
-
-    # -- the fixed batch -------------------------------------------------------------------------
-
-    def _dataset(self, trainer: L.Trainer) -> Any:
-        if self.data is not None:
-            if getattr(self.data, "dataset", None) is None:
-                self.data.prepare_data()
-                self.data.setup("fit")
-            return self.data.dataset
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            raise RuntimeError("DenoisingError: no 'data' given and the trainer has no datamodule")
-        return getattr(datamodule, "val_dataset", None) or datamodule.train_dataset
 
     def clips(self, trainer: L.Trainer) -> tuple[Tensor, list[str]]:
         """The held-out videos (N, 3, T, H, W) in [-1, 1] and their captions, loaded once."""
-        if self._clips is None:
-            dataset = self._dataset(trainer)
-            if len(dataset) < self.num_clips:
-                raise ValueError(f"DenoisingError: {self.num_clips} clips requested, the dataset has {len(dataset)}")
-            items = [dataset[i] for i in range(self.num_clips)]
-            self._clips = torch.stack([it["video"] for it in items]), [it["caption"] for it in items]
-        return self._clips
+        return self._held_out.load(trainer)
 
     # -- evaluation ------------------------------------------------------------------------------
 

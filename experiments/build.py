@@ -114,7 +114,7 @@ def build_parts(composed: Composed) -> Parts:
     return Parts(text, vae, backbone, objective, sampler)
 
 
-def build_system(composed: Composed) -> GeneratorSystem:
+def build_generator_system(composed: Composed) -> GeneratorSystem:
     """The LightningModule of a text-to-video generator, carrying its resolved config."""
     cfg = composed.cfg
     parts = build_parts(composed)
@@ -127,8 +127,39 @@ def build_system(composed: Composed) -> GeneratorSystem:
     )
 
 
-def build_datamodule(composed: Composed) -> L.LightningDataModule:
-    return instantiate(composed.cfg["data"], _where(composed, "data"))
+def build_autoencoder_system(composed: Composed) -> L.LightningModule:
+    """The LightningModule that trains ``vae`` itself (``task: autoencoder``) with the ``autoencoder``
+    loss settings; ``trainer.gradient_clip_val`` becomes its clipping (manual optimisation)."""
+    from modules.vae_system import AutoencoderLossConfig, AutoencoderSystem  # loads the loss networks' code
+
+    cfg = composed.cfg
+    vae = instantiate(cfg["vae"], _where(composed, "vae"))
+    check_kwargs(OptimConfig, list(cfg["optim"]), _where(composed, "optim"))
+    check_kwargs(AutoencoderLossConfig, list(cfg["autoencoder"]), _where(composed, "autoencoder"))
+    try:
+        loss = AutoencoderLossConfig(**cfg["autoencoder"])
+        return AutoencoderSystem(vae, loss, OptimConfig(**cfg["optim"]),
+                                 grad_clip=(cfg["trainer"] or {}).get("gradient_clip_val"), config=cfg)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"{_where(composed, 'autoencoder')}: {exc}") from exc
+
+
+SYSTEMS = {"generator": build_generator_system, "autoencoder": build_autoencoder_system}
+
+
+def build_system(composed: Composed) -> L.LightningModule:
+    """The LightningModule of the experiment's ``task`` (generator or autoencoder)."""
+    task = composed.cfg.get("task", "generator")
+    if task not in SYSTEMS:
+        raise ConfigError(f"{_where(composed, 'task')}: unknown task {task!r}; {nearest(str(task), list(SYSTEMS))}")
+    return SYSTEMS[task](composed)
+
+
+def build_datamodule(composed: Composed, vae: Any = None, text_encoder: Any = None) -> L.LightningDataModule:
+    """The ``data`` node; ``vae`` and ``text_encoder`` (the system's) go to a constructor that takes
+    them and is not given them: the latent cache checks its fingerprint against them."""
+    injected = {k: v for k, v in {"vae": vae, "text_encoder": text_encoder}.items() if v is not None}
+    return instantiate(composed.cfg["data"], _where(composed, "data"), **injected)
 
 
 def build_callbacks(composed: Composed) -> list[L.Callback]:
@@ -141,4 +172,7 @@ def trainer_kwargs(composed: Composed) -> dict[str, Any]:
     """The ``trainer`` section, checked against ``lightning.Trainer``'s parameters."""
     kwargs = dict(composed.cfg["trainer"])
     check_kwargs(L.Trainer.__init__, list(kwargs), _where(composed, "trainer"))
+    if composed.cfg.get("task") == "autoencoder":  # manual optimisation: the system clips (see above)
+        kwargs.pop("gradient_clip_val", None)
+        kwargs.pop("gradient_clip_algorithm", None)
     return kwargs

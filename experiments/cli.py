@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from experiments.config import ConfigError, compose
@@ -21,6 +22,7 @@ EPILOG = """examples:
   vidlab fit shapes backbone=dit_tiny optim.lr=1e-3 # swap a preset, set a key
   vidlab fit --from-run RUN_ID trainer.max_steps=50 # re-run a logged config
   vidlab sweep configs/ablation/demo.yaml
+  vidlab cache-latents smoke_cached                 # encode the data once; then: vidlab fit smoke_cached
   vidlab sample RUN_ID --prompt "a red circle moving left on a black background" --seed 0
 """
 
@@ -82,6 +84,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from experiments.cache import run_cache
+
+    composed = compose(args.experiment, list(args.overrides))
+    result = run_cache(composed, batch_size=args.batch_size, shard_size=args.shard_size, device=args.device)
+    state = "written" if result.built else "complete already, nothing to do"
+    console.print(f"latent cache of {result.count} clips ({state}): {result.folder}")
+    console.print(f"fingerprint: {result.fingerprint}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from experiments.sample import sample
 
@@ -107,6 +120,14 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("ablation", help="a YAML file such as configs/ablation/demo.yaml")
     sweep.set_defaults(func=cmd_sweep)
 
+    cache = sub.add_parser("cache-latents", help="encode an experiment's data once (latents + text) for data=latent_cache")
+    cache.add_argument("experiment", help="name under configs/experiment/ or a YAML file")
+    cache.add_argument("overrides", nargs="*", help="group=preset or a.b=value (the same as for fit)")
+    cache.add_argument("--batch-size", type=int, help="clips per encoder call (default: the data's batch_size)")
+    cache.add_argument("--shard-size", type=int, default=256, help="clips per shard file (default: %(default)s)")
+    cache.add_argument("--device", help="default: cuda when available, else cpu")
+    cache.set_defaults(func=cmd_cache)
+
     smp = sub.add_parser("sample", help="write mp4 files from a trained run or checkpoint")
     smp.add_argument("source", metavar="RUN_ID|CHECKPOINT")
     smp.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # '[overrides]' is not markup
         return 2
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,9 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     """
     cfg = composed.cfg
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
-    datamodule = build_datamodule(composed)
     system = build_system(composed)
+    datamodule = build_datamodule(  # the latent cache checks its fingerprint against the system's parts
+        composed, vae=getattr(system, "vae", None), text_encoder=getattr(system, "text_model", None))
     callbacks = build_callbacks(composed)
 
     preset_tags = {f"vidlab.preset.{group}": name for group, name in composed.presets.items()}
@@ -57,8 +60,13 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     trainer.fit(system, datamodule=datamodule)
 
     last = ckpt_dir / "last.ckpt"
+    # ModelCheckpoint writes last.ckpt on its step cadence only; the final state (steps after the last
+    # multiple of every_n_steps, an autoencoder's latent statistics) is written here, on every rank
+    trainer.save_checkpoint(last, weights_only=False)  # full state: optimizer, schedules, loops
     if trainer.is_global_zero:
         client.set_tag(run, "vidlab.checkpoint", str(last))
+        if cfg.get("task") == "autoencoder" and last.exists():
+            client.set_tag(run, "vidlab.autoencoder", str(export_autoencoder(last, cfg)))
     skipped = _skipped_videos(datamodule)
     if skipped and trainer.is_global_zero:
         client.log_metric(run, "data/skipped_videos", skipped)
@@ -67,6 +75,17 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     if samples and trainer.is_global_zero:
         client.set_tag(run, "vidlab.samples_dir", str(samples[0].parent))
     return FitResult(run, None if loss is None else float(loss), last if last.exists() else None, samples, skipped)
+
+
+def export_autoencoder(last: Path, cfg: dict[str, Any]) -> Path:
+    """Copy a trained autoencoder's last checkpoint to ``<output_dir>/autoencoders/<name>/last.ckpt``
+    (atomically: temp file + rename), the stable path ``vae=pretrained vae.checkpoint=...`` reads."""
+    target = Path(cfg["output_dir"]) / "autoencoders" / str(cfg["name"]) / "last.ckpt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".ckpt.tmp")
+    shutil.copyfile(last, tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def _skipped_videos(datamodule: Any) -> int:

@@ -30,6 +30,12 @@ class OptimConfig:
     warmup_steps: int = 0
 
 
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr · min(1, (step + 1) / (warmup_steps + 1)): linear warm-up, constant after (stepped per step)."""
+    warmup = max(int(warmup_steps), 0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+
 @dataclass
 class GuidanceConfig:
     """Classifier-free guidance (Ho & Salimans 2022): caption dropout in training, scale at sampling.
@@ -99,25 +105,49 @@ class GeneratorSystem(L.LightningModule):
 
     # -- conditioning ----------------------------------------------------------------------------
 
+    @property
+    def text_model(self) -> nn.Module:
+        """The text encoder: a frozen one (held outside the module tree) or the trainable submodule."""
+        return self.__dict__.get("frozen_text_encoder") or self.text_encoder
+
     def encode_text(self, prompts: list[str]) -> Conditioning:
         """Captions → Conditioning on this module's device; ``""`` is the null condition."""
-        encoder = self.__dict__.get("frozen_text_encoder") or self.text_encoder
+        encoder = self.text_model
         params = next(encoder.parameters(), None)
         if params is not None and params.device != self.device:
             encoder.to(self.device)
         return encoder(prompts).to(self.device)
 
+    def keep_captions(self, n: int) -> Tensor:
+        """(n,) bool, False with probability ``cond_dropout``: one draw per caption (global torch RNG)."""
+        return torch.rand(n) >= self.guidance.cond_dropout
+
     def drop_captions(self, captions: list[str]) -> list[str]:
         """Replace each caption by ``""`` with probability ``cond_dropout`` (global torch RNG)."""
-        keep = torch.rand(len(captions)) >= self.guidance.cond_dropout
+        keep = self.keep_captions(len(captions))
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    def cached_text(self, batch: dict[str, Any]) -> Conditioning:
+        """Conditioning from a latent cache's ``text`` (B, L, D) and ``text_mask`` (B, L); a dropped
+        caption gets the cached null encoding (L, D), drawn exactly as in `drop_captions`."""
+        keep = self.keep_captions(len(batch["caption"])).to(self.device)  # (B,)
+        tokens = torch.where(keep[:, None, None], batch["text"], batch["null_text"])  # (B, L, D)
+        mask = torch.where(keep[:, None], batch["text_mask"], batch["null_text_mask"])  # (B, L)
+        return Conditioning(tokens, mask)
 
     # -- training --------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        cond = self.encode_text(self.drop_captions(batch["caption"]))
-        with torch.no_grad():
-            x0 = self.vae.encode(batch["video"])  # (B, C, T', H', W'), normalised by the VAE
+        cached = "latent" in batch  # from a latent cache (datamodules/latent_cache.py), encoded offline
+        if cached and "frozen_text_encoder" in self.__dict__:
+            cond = self.cached_text(batch)
+        else:  # a trainable text encoder learns here, so it encodes the captions itself
+            cond = self.encode_text(self.drop_captions(batch["caption"]))
+        if cached:
+            x0 = batch["latent"]
+        else:
+            with torch.no_grad():
+                x0 = self.vae.encode(batch["video"])  # (B, C, T', H', W'), normalised by the VAE
         per_frame = bool(getattr(self.backbone, "per_frame_time", False))  # diffusion forcing
         out = self.objective.loss(self.backbone, x0, cond, per_frame=per_frame)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=x0.shape[0])
@@ -128,8 +158,7 @@ class GeneratorSystem(L.LightningModule):
         opt = torch.optim.AdamW(
             params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
         )
-        warmup = max(int(self.optim.warmup_steps), 0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        schedule = warmup_schedule(opt, self.optim.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -14,8 +14,10 @@ from experiments.sweep import load_ablation
 
 EXPERIMENTS = sorted(p.stem for p in (REPO_CONFIGS / "experiment").glob("*.yaml"))
 ABLATIONS = sorted((REPO_CONFIGS / "ablation").glob("*.yaml"))
-# (group, preset) for every preset that can be swapped into the smoke experiment as is
-PRESETS = [(g, name) for g, presets in groups().items() for name in presets if (g, name) != ("data", "video_folder")]
+# (group, preset) for every preset that can be swapped into the smoke experiment as is (video_folder
+# needs a root, latent_cache a source: smoke_cached builds it)
+PRESETS = [(g, name) for g, presets in groups().items() for name in presets
+           if (g, name) not in {("data", "video_folder"), ("data", "latent_cache")}]
 
 
 def _build_all(composed):
