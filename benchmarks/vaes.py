@@ -1,6 +1,6 @@
-"""Causal 3D VAE (configs/vae/causal3d_4x8x8.yaml: Wan 2.1 layout, base width 32, mults 1-2-4-4,
-2 ResBlocks per level, mid attention, 16 latent channels): chunked memory, chunked == one-shot, and
-speed against diffusers' `AutoencoderKLWan` of the same widths. CPU fp32.
+"""Causal 3D VAE (configs/vae/causal3d_4x8x8.yaml: Wan 2.1 layout at a small width, mid attention,
+16 latent channels): chunked memory, chunked == one-shot, and speed against diffusers'
+`AutoencoderKLWan` of the same widths. CPU fp32.
 
     python benchmarks/vaes.py [--rounds 5] [--threads 2] [--size 64] [--memory-repeats 3]
     python benchmarks/vaes.py --memory-case 129 [--one-shot]   # one memory measurement (see below)

@@ -30,11 +30,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from callbacks.cadence import EveryNSteps
 from callbacks.held_out import HeldOutClips
 from eval.denoising import DEFAULT_LOG_SNRS, matched_snr_x0_error, metric_name
 
 
-class DenoisingError(L.Callback):
+class DenoisingError(EveryNSteps):
     """Evaluate `eval.denoising.matched_snr_x0_error` at train end and every ``every_n_steps`` (0: end only).
 
     data: a LightningDataModule (built from a ``_target_`` node) whose ``dataset`` holds the held-out
@@ -62,10 +63,10 @@ class DenoisingError(L.Callback):
         self.data = data
         self.num_clips, self.batch_size = num_clips, batch_size
         self.log_snrs = [float(v) for v in log_snrs]
-        self.seed, self.every_n_steps, self.prefix = seed, every_n_steps, prefix
+        super().__init__(every_n_steps)
+        self.seed, self.prefix = seed, prefix
         self.results: dict[str, float] = {}
         self._held_out = HeldOutClips(data, num_clips, "DenoisingError")
-        self._last_step = -1
 
     def clips(self, trainer: L.Trainer) -> tuple[Tensor, list[str]]:
         """The held-out videos (N, 3, T, H, W) in [-1, 1] and their captions, loaded once."""
@@ -97,19 +98,8 @@ class DenoisingError(L.Callback):
         metrics[f"{self.prefix}x0_mse"] = float(mse.mean())
         return metrics
 
-    def log_evaluation(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
         self.results = self.evaluate(trainer, module)
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.results, step=step)
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.log_evaluation(trainer, module)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.log_evaluation(trainer, module)

@@ -5,16 +5,14 @@ returns latents of zero mean and unit variance per channel — what Wan's ``late
 
 The statistics are over every element (clips, frames, positions) of the posterior means of
 ``num_clips`` training clips (the trainer datamodule's val split if it has one, else train; the
-first clips in order), accumulated in float64. They are measured at the last training step, before
-the checkpoint callback writes the final checkpoint, so ``last.ckpt`` carries them, and logged to
-MLflow as ``latent_stats.json`` and ``latent/mean_c{i}`` / ``latent/std_c{i}`` metrics.
+first clips in order), accumulated in float64. They are measured when training ends, whatever ended
+it (max_steps, max_time, an interrupt); `experiments.fit.run_fit` writes ``last.ckpt`` after that, so
+it carries them. Logged to MLflow as ``latent_stats.json`` and ``latent/mean_c{i}`` / ``latent/std_c{i}``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
-
 import lightning as L
 import torch
 from torch import Tensor
@@ -69,11 +67,5 @@ class LatentStats(L.Callback):
                 stats = {"mean": self.mean.tolist(), "std": self.std.tolist(), "num_clips": len(videos), "step": step}
                 trainer.logger.experiment.log_text(run, json.dumps(stats, indent=2), "latent_stats.json")
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            self.measure(trainer, module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if self.mean is None and trainer.max_steps <= 0 and last_epoch:
-            self.measure(trainer, module)
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.measure(trainer, module)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from callbacks.cadence import EveryNSteps
 from callbacks.held_out import HeldOutClips
 from callbacks.samples import save_videos
 
@@ -44,7 +45,7 @@ def reconstruction_metrics(videos: Tensor, recons: Tensor) -> dict[str, float]:
     }
 
 
-class Reconstructions(L.Callback):
+class Reconstructions(EveryNSteps):
     """Every ``every_n_steps`` (0: only at the end) and at train end: reconstruct ``num_clips``
     held-out clips, log PSNR / SSIM / L1, and write the first ``num_videos`` side by side as mp4.
 
@@ -57,11 +58,11 @@ class Reconstructions(L.Callback):
         if batch_size < 1:
             raise ValueError(f"Reconstructions: batch_size must be positive, got {batch_size}")
         self._held_out = HeldOutClips(data, num_clips, "Reconstructions")
-        self.batch_size, self.every_n_steps, self.num_videos = batch_size, every_n_steps, num_videos
+        super().__init__(every_n_steps)
+        self.batch_size, self.num_videos = batch_size, num_videos
         self.fps, self.display_scale, self.prefix = fps, display_scale, prefix
         self.results: dict[str, float] = {}
         self.paths: list[Path] = []
-        self._last_step = -1
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], Tensor, Tensor]:
@@ -74,11 +75,8 @@ class Reconstructions(L.Callback):
         metrics = {f"{self.prefix}{k}": v for k, v in reconstruction_metrics(videos, recons).items()}
         return metrics, videos, recons
 
-    def log_evaluation(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_step:
-            return
-        self._last_step = step
         self.results, videos, recons = self.evaluate(trainer, module)
         if trainer.logger is None or not trainer.is_global_zero:
             return
@@ -93,11 +91,3 @@ class Reconstructions(L.Callback):
         self.paths = save_videos(pairs, captions[:k], list(range(k)), folder, self.fps, self.display_scale)
         for path in self.paths:
             trainer.logger.experiment.log_artifact(run, str(path), artifact_path=f"reconstructions/step_{step:06d}")
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.log_evaluation(trainer, module)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.log_evaluation(trainer, module)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from callbacks.cadence import EveryNSteps
 from datamodules.mp4 import write_mp4
 
 
@@ -43,7 +44,7 @@ def save_videos(videos: Tensor, prompts: list[str], seeds: list[int], folder: Pa
     return paths
 
 
-class SampleVideos(L.Callback):
+class SampleVideos(EveryNSteps):
     """Generate every (prompt, seed) pair with the model being trained and log the mp4 files.
 
     Runs on global rank 0 only; the generation touches the raw backbone, not the DDP wrapper, so the
@@ -55,27 +56,18 @@ class SampleVideos(L.Callback):
                  cfg_scale: float | None = None):
         if not prompts:
             raise ValueError("SampleVideos: 'prompts' must list at least one prompt")
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps)
         self.prompts = list(prompts)
         self.seeds = list(seeds or [0])
         self.num_frames, self.height, self.width = num_frames, height, width
         self.fps, self.display_scale, self.cfg_scale = fps, display_scale, cfg_scale
         self.paths: list[Path] = []  # the files of the latest round
-        self._last_step = -1
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Generate, write and log the videos (global rank 0 only)."""
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.log_samples(trainer, module)
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.log_samples(trainer, module)
-
-    def log_samples(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_step:
+        if not trainer.is_global_zero:
             return
-        self._last_step = step
         pairs = [(p, s) for p in self.prompts for s in self.seeds]
         prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
         videos = module.generate(prompts, seeds, self.num_frames, self.height, self.width, self.cfg_scale)

@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 
 from experiments.config import Composed, ConfigError, nearest
-from modules.system import GeneratorSystem, GuidanceConfig, OptimConfig
+from modules.system import AutoencoderLossConfig, AutoencoderSystem, GeneratorSystem, GuidanceConfig, OptimConfig
 
 
 def locate(target: str, where: str) -> Any:
@@ -127,11 +127,9 @@ def build_generator_system(composed: Composed) -> GeneratorSystem:
     )
 
 
-def build_autoencoder_system(composed: Composed) -> L.LightningModule:
+def build_autoencoder_system(composed: Composed) -> AutoencoderSystem:
     """The LightningModule that trains ``vae`` itself (``task: autoencoder``) with the ``autoencoder``
     loss settings; ``trainer.gradient_clip_val`` becomes its clipping (manual optimisation)."""
-    from modules.vae_system import AutoencoderLossConfig, AutoencoderSystem  # loads the loss networks' code
-
     cfg = composed.cfg
     vae = instantiate(cfg["vae"], _where(composed, "vae"))
     check_kwargs(OptimConfig, list(cfg["optim"]), _where(composed, "optim"))

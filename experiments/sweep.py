@@ -7,6 +7,9 @@ An ablation file (``configs/ablation/*.yaml``)::
     grid:                             # cartesian product; a group name picks presets
       backbone: [dit_tiny, dit_small]
       objective.time_sampling: [uniform, logit_normal]
+    zip:                              # optional: lists of equal length taken together (one axis),
+      vae: [trained_causal3d, trained_tae]   # crossed with the grid
+      data.num_frames: [9, 8]
     seeds: [0, 1]
 
 Re-running the same file finds its parent run (by a fingerprint of the file) and skips arms whose
@@ -28,7 +31,7 @@ from experiments.config import Composed, ConfigError, compose, load_yaml, neares
 from experiments.fit import FitResult, run_fit
 from experiments.tracking import experiment_id, git_state, tracking_uri
 
-ABLATION_KEYS = {"experiment", "overrides", "grid", "seeds", "name", "description"}
+ABLATION_KEYS = {"experiment", "overrides", "grid", "zip", "seeds", "name", "description"}
 
 
 @dataclass
@@ -57,15 +60,19 @@ class Ablation:
     seeds: list[int]
     name: str
     fingerprint: str = field(default="")
+    zipped: dict[str, list[Any]] = field(default_factory=dict)
 
     def arms(self) -> list[Arm]:
         axes = list(self.grid)
+        n_zip = len(next(iter(self.zipped.values()))) if self.zipped else 1
+        zipped = [{k: v[i] for k, v in self.zipped.items()} for i in range(n_zip)]
         out = []
-        for combo in itertools.product(*(self.grid[a] for a in axes)):
-            for seed in self.seeds:
-                values = {**dict(zip(axes, combo)), "seed": seed}
-                key = ",".join(f"{k}={_fmt(v)}" for k, v in values.items())
-                out.append(Arm(key, values, [*self.overrides, *(f"{k}={_fmt(v)}" for k, v in values.items())]))
+        for together in zipped:
+            for combo in itertools.product(*(self.grid[a] for a in axes)):
+                for seed in self.seeds:
+                    values = {**together, **dict(zip(axes, combo)), "seed": seed}
+                    key = ",".join(f"{k}={_fmt(v)}" for k, v in values.items())
+                    out.append(Arm(key, values, [*self.overrides, *(f"{k}={_fmt(v)}" for k, v in values.items())]))
         return out
 
 
@@ -86,11 +93,15 @@ def load_ablation(path: str | Path) -> Ablation:
     for axis, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: grid axis {axis!r} must be a non-empty list, got {values!r}")
+    zipped = raw.get("zip") or {}
+    lengths = {axis: len(values) if isinstance(values, list) else -1 for axis, values in zipped.items()}
+    if any(n < 1 for n in lengths.values()) or len(set(lengths.values())) > 1:
+        raise ConfigError(f"{path}: 'zip' needs non-empty lists of one length, got lengths {lengths}")
     fingerprint = hashlib.sha1(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Ablation(
         path=path, experiment=str(raw["experiment"]), overrides=[str(o) for o in raw.get("overrides") or []],
         grid=grid, seeds=[int(s) for s in raw.get("seeds") or [0]], name=str(raw.get("name") or path.stem),
-        fingerprint=fingerprint,
+        fingerprint=fingerprint, zipped=zipped,
     )
 
 

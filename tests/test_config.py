@@ -15,9 +15,15 @@ from experiments.sweep import load_ablation
 EXPERIMENTS = sorted(p.stem for p in (REPO_CONFIGS / "experiment").glob("*.yaml"))
 ABLATIONS = sorted((REPO_CONFIGS / "ablation").glob("*.yaml"))
 # (group, preset) for every preset that can be swapped into the smoke experiment as is (video_folder
-# needs a root, latent_cache a source: smoke_cached builds it)
-PRESETS = [(g, name) for g, presets in groups().items() for name in presets
-           if (g, name) not in {("data", "video_folder"), ("data", "latent_cache")}]
+# needs a root, latent_cache a source: smoke_cached builds it; autoencoders loaded from files, whose
+# presets say `???` or load a trained checkpoint, are built by tests/test_diffusers_vae.py and
+# tests/test_vae_system.py on files those tests write; the autoencoder callbacks belong to the vae_*
+# experiments, which build them)
+NOT_IN_SMOKE = {("data", "video_folder"), ("data", "latent_cache"), ("callbacks", "autoencoder")} | {
+    ("vae", name) for name, path in groups()["vae"].items()
+    if "???" in path.read_text() or "pretrained_autoencoder" in path.read_text()
+}
+PRESETS = [(g, name) for g, presets in groups().items() for name in presets if (g, name) not in NOT_IN_SMOKE]
 
 
 def _build_all(composed):
@@ -31,7 +37,10 @@ def _build_all(composed):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(name, out_dir):
     composed = compose(name)
-    assert set(composed.presets) >= {"backbone", "vae", "objective", "sampler", "text", "data", "trainer"}
+    parts = {"vae", "data", "trainer"}
+    if composed.cfg["task"] == "generator":
+        parts |= {"backbone", "objective", "sampler", "text"}
+    assert set(composed.presets) >= parts
     system = _build_all(composed)
     assert system.config == composed.cfg
 

@@ -33,6 +33,22 @@ def test_arms_are_the_grid_times_seeds(tmp_path):
     assert arms[1].overrides[-3:] == ["objective=rectified_flow", "optim.lr=0.001", "seed=1"]
 
 
+def test_zipped_axes_go_together_and_cross_the_grid(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text(ABLATION.replace("  optim.lr: [0.001]\n", "") + "zip:\n  vae: [identity, identity]\n  data.num_frames: [4, 8]\n")
+    arms = load_ablation(path).arms()
+    assert [a.key for a in arms] == [
+        "vae=identity,data.num_frames=4,objective=rectified_flow,seed=0",
+        "vae=identity,data.num_frames=4,objective=rectified_flow_lognorm,seed=0",
+        "vae=identity,data.num_frames=8,objective=rectified_flow,seed=0",
+        "vae=identity,data.num_frames=8,objective=rectified_flow_lognorm,seed=0",
+    ]
+    assert compose("smoke", arms[3].overrides).cfg["data"]["num_frames"] == 8
+    path.write_text(ABLATION + "zip:\n  vae: [identity]\n  data.num_frames: [4, 8]\n")
+    with pytest.raises(ConfigError, match="one length"):
+        load_ablation(path)
+
+
 def test_ablation_typo_names_nearest_key(tmp_path):
     path = tmp_path / "a.yaml"
     path.write_text(ABLATION.replace("seeds:", "seed:"))

@@ -1,7 +1,8 @@
 """Autoencoder training (task: autoencoder) end to end and its parts against independent references:
 PSNR against its formula, latent statistics against a float64 recomputation, the latent statistics in
 the exported checkpoint against the encoder's own outputs, the GAN path, and a generator trained on
-the exported autoencoder's latents."""
+the exported autoencoder's latents, every loss term (LPIPS from a file the test writes, outlier
+penalty, 3D PatchGAN) in one short run."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from datamodules.shapes import ShapesDataModule
 from experiments.config import ConfigError, compose
 from experiments.fit import run_fit
 from experiments.pretrained import pretrained_autoencoder
+from modules.vaes.losses import LPIPS
 
 
 def test_psnr_matches_its_formula_and_ssim_of_identical_clips_is_one():
@@ -96,13 +98,20 @@ def test_generator_trains_on_the_exported_autoencoder(trained_vae, out_dir):
     assert len(fit.samples) == 1  # decoded through the autoencoder at the end
 
 
-def test_gan_path_counts_generator_steps(out_dir):
-    composed = compose("vae_smoke", ["trainer.max_steps=3", "autoencoder.disc_weight=0.5", "autoencoder.disc_start=1",
-                                     "autoencoder.disc_channels=8", "autoencoder.disc_layers=2"])
-    result = run_fit(composed)
+def test_every_loss_term_with_a_tae_counts_generator_steps(out_dir, tmp_path):
+    lpips = tmp_path / "lpips.pt"
+    LPIPS().save(lpips)  # random weights in the one-file layout (real ones: modules/vaes/losses.py)
+    composed = compose("vae_smoke", [
+        "vae=tae_tiny", "trainer.max_steps=3", "autoencoder.disc_weight=0.5", "autoencoder.disc_start=1",
+        "autoencoder.disc_channels=8", "autoencoder.disc_layers=2", "autoencoder.perceptual_weight=0.1",
+        f"autoencoder.perceptual_path={lpips}", "autoencoder.outlier_weight=0.01"])
+    result = run_fit(composed)  # 5-frame clips: the TAE pads to 8 frames, the loss sees 5
     client = mlflow.MlflowClient(f"sqlite:///{out_dir}/mlflow.db")
+    for term in ("train/rec", "train/kl", "train/perceptual", "train/outlier"):
+        assert len(client.get_metric_history(result.run_id, term)) >= 1, term
     history = client.get_metric_history(result.run_id, "train/d")
     assert history, "the discriminator loss is logged once the GAN starts"
+    assert client.get_metric_history(result.run_id, "train/disc_weight"), "the adaptive weight is logged"
     ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3  # discriminator steps do not advance trainer.max_steps
     assert any(k.startswith("discriminator.") for k in ckpt["state_dict"])

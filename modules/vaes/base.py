@@ -5,7 +5,7 @@ autoencoders that owns latent normalisation.
 Latent normalisation: the network works in *raw* latent space; `encode` returns
 ``(z_raw − mean) / std`` per channel and `decode` inverts it, so the objective sees latents of
 roughly unit scale without any constant in training code. The statistics are buffers (saved in
-checkpoints), measured on data after training (`modules.vae_system.AutoencoderSystem`) or copied from
+checkpoints), measured on data after training (`modules.system.AutoencoderSystem`) or copied from
 a pretrained model's config (diffusers adapters).
 """
 

@@ -28,7 +28,6 @@ Conventions a backbone may declare (class attributes or properties):
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 from modules.backbones.base import Denoiser
 from modules.backbones.card import measure_forward_flops
 from modules.conditioning import Conditioning
+from .common import add_noise_, parameter_count, reloaded_pair
 
 Build = Callable[[], nn.Module]
 CPU_PARAM_LIMIT = 50_000_000  # larger presets are checked on the meta device only
@@ -80,17 +80,8 @@ def make_inputs(
 
 
 def perturb_(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
-    """Add N(0, std²) to every parameter: zero-initialised gates and output layers would hide the
-    paths a check is meant to exercise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
-    return model
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Add N(0, std²) to every parameter (see `add_noise_`)."""
+    return add_noise_(model, std, torch.Generator().manual_seed(seed))
 
 
 def meta_parameter_count(build: Build) -> int:
@@ -286,14 +277,7 @@ def check_meta_init(build: Build, inputs: Inputs) -> None:
 
 def check_state_dict_round_trip(build: Build, inputs: Inputs) -> None:
     """torch.save(state_dict) → torch.load(weights_only=True) into a fresh instance → same output."""
-    torch.manual_seed(1)
-    source = perturb_(build(), seed=1).eval()
-    buffer = io.BytesIO()
-    torch.save(source.state_dict(), buffer)
-    buffer.seek(0)
-    torch.manual_seed(2)
-    fresh = perturb_(build(), seed=2).eval()
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    source, fresh = reloaded_pair(build, perturb_)
     with torch.no_grad():
         a, b = _forward(source, inputs), _forward(fresh, inputs)
     assert torch.equal(a, b), f"reloaded model differs by {(a - b).abs().max().item():.3g}"

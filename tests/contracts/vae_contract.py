@@ -26,7 +26,6 @@ What every autoencoder promises (DESIGN.md, Interfaces and Conventions):
 from __future__ import annotations
 
 import inspect
-import io
 from typing import Any, Callable
 
 import pytest
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from modules.vaes.base import LatentAutoencoder, VideoAutoencoder
+from .common import add_noise_, parameter_count, reloaded_pair
 
 Build = Callable[[], nn.Module]
 CPU_PARAM_LIMIT = 50_000_000  # larger presets are checked on the meta device only
@@ -59,17 +59,12 @@ def perturb_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
     """Add N(0, std²) to every parameter (zero-initialised output layers would hide paths), and
     give a `LatentAutoencoder` random positive latent statistics (so that a check also covers them)."""
     g = torch.Generator().manual_seed(seed)
+    add_noise_(model, std, g)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
         if isinstance(model, LatentAutoencoder):
             c = model.latent_channels
             model.set_latent_stats(torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5)
     return model
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def meta_parameter_count(build: Build) -> int:
@@ -187,14 +182,7 @@ def check_normalisation(vae: nn.Module, x: Tensor) -> None:
 def check_state_dict_round_trip(build: Build, x: Tensor) -> None:
     """torch.save(state_dict) → torch.load(weights_only=True) into a fresh instance → the same
     encode (and decode) outputs, latent statistics included."""
-    torch.manual_seed(1)
-    source = perturb_(build(), seed=1).eval()
-    buffer = io.BytesIO()
-    torch.save(source.state_dict(), buffer)
-    buffer.seek(0)
-    torch.manual_seed(2)
-    fresh = perturb_(build(), seed=2).eval()
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    source, fresh = reloaded_pair(build, perturb_)
     with torch.no_grad():
         a, b = source.encode(x), fresh.encode(x)
         assert torch.equal(a, b), f"reloaded autoencoder encodes differently (max diff {_max_diff(a, b):.3g})"
