@@ -2,11 +2,12 @@
 16 latent channels): chunked memory, chunked == one-shot, and speed against diffusers'
 `AutoencoderKLWan` of the same widths. CPU fp32.
 
-    python benchmarks/vaes.py [--rounds 5] [--threads 2] [--size 64] [--memory-repeats 3]
+    python benchmarks/vaes.py [--rounds 5] [--threads 2] [--size 128] [--memory-repeats 3]
     python benchmarks/vaes.py --memory-case 129 [--one-shot]   # one memory measurement (see below)
 
 `chunked_memory_ratio` (target <= 1.2): extra peak memory of a chunked encode of 129 frames over
-that of 17 frames, at size x size. CPU tensors have no allocator statistics, so each case runs in a
+that of 17 frames, at size x size (128: about 58 MiB per chunked encode of the CPU preset; at 64 the
+extra peak is about 25 MiB and a few MiB of process noise move the ratio by 0.2). CPU tensors have no allocator statistics, so each case runs in a
 fresh subprocess (`--memory-case N`) that builds the model and the input video, resets the kernel's
 peak-RSS mark (`echo 5 > /proc/self/clear_refs`; where that is not allowed, `getrusage` ru_maxrss is
 the peak instead), reads the RSS, encodes under `no_grad`, and reports peak RSS minus that RSS: the
@@ -95,12 +96,16 @@ def measure_memory(frames: int, size: int, threads: int, chunked: bool, repeats:
     return statistics.median(float(out.split("extra_peak_mib:")[1].split()[0]) for out in runs)
 
 
-def diffusers_wan(base: int) -> nn.Module:
-    """diffusers' Wan 2.1 VAE at base width ``base`` (its defaults: mults 1-2-4-4, 2 ResBlocks,
-    temporal downsampling in levels 2 and 3, mid attention, z_dim 16)."""
+def diffusers_wan(preset: dict) -> nn.Module:
+    """diffusers' Wan 2.1 VAE with our preset's base width, multipliers, ResBlocks per level,
+    temporal downsampling and latent channels (mid attention is always on in both)."""
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(base_dim=base, z_dim=16).eval()
+    return AutoencoderKLWan(
+        base_dim=preset["base_width"], dim_mult=list(preset["channel_mults"]),
+        num_res_blocks=preset["num_res_blocks"], temperal_downsample=list(preset["temporal_downsample"]),
+        z_dim=preset["latent_channels"],
+    ).eval()
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> float:
@@ -113,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="timed encode + decode of each model")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--size", type=int, default=64, help="frame height and width")
+    parser.add_argument("--size", type=int, default=128, help="frame height and width")
     parser.add_argument("--memory-repeats", type=int, default=3, help="processes per chunked memory case")
     parser.add_argument("--memory-case", type=int, default=0, help="internal: measure one encode of N frames")
     parser.add_argument("--one-shot", action="store_true", help="internal: with --memory-case, not chunked")
@@ -130,7 +135,8 @@ def main() -> None:
     }
 
     ours, video = build(), clip(SHORT, args.size)
-    theirs = diffusers_wan(load_yaml(PRESET)["base_width"])
+    theirs = diffusers_wan(load_yaml(PRESET))
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
     with torch.no_grad():
         q = ours.posterior(video)
         diff_latent = (ours.posterior(video, chunked=True).mean - q.mean).abs().max().item()

@@ -1,4 +1,5 @@
-"""``vidlab``: fit an experiment, sweep an ablation, sample from a trained run."""
+"""``vidlab``: fit an experiment (a generator, or an autoencoder with task: autoencoder), sweep an
+ablation, cache latents, sample from a trained run."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ EPILOG = """examples:
   vidlab fit shapes backbone=dit_tiny optim.lr=1e-3 # swap a preset, set a key
   vidlab fit --from-run RUN_ID trainer.max_steps=50 # re-run a logged config
   vidlab sweep configs/ablation/demo.yaml
+  vidlab fit vae_causal3d                           # train an autoencoder -> outputs/autoencoders/vae_causal3d/
   vidlab cache-latents smoke_cached                 # encode the data once; then: vidlab fit smoke_cached
   vidlab sample RUN_ID --prompt "a red circle moving left on a black background" --seed 0
 """
@@ -67,7 +69,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep import load_ablation, run_sweep
+    from experiments.sweep import format_axis_value, load_ablation, run_sweep
     from experiments.tracking import tracking_uri
 
     results = run_sweep(args.ablation)
@@ -77,7 +79,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for r in results:
         loss = "-" if r.final_loss is None else f"{r.final_loss:.4f}"
         samples = _relative(r.samples_dir) if r.samples_dir else (r.error or "-")
-        table.add_row(r.arm.key.replace(",", "\n"), r.status, loss, samples, r.run_id[:8])
+        axes = "\n".join(f"{k}={format_axis_value(v)}" for k, v in r.arm.values.items())
+        table.add_row(axes, r.status, loss, samples, r.run_id[:8])
     console.print(table)
     composed = compose(load_ablation(args.ablation).experiment)
     console.print(_ui_hint(tracking_uri(composed.cfg)))

@@ -71,12 +71,12 @@ class Ablation:
             for combo in itertools.product(*(self.grid[a] for a in axes)):
                 for seed in self.seeds:
                     values = {**together, **dict(zip(axes, combo)), "seed": seed}
-                    key = ",".join(f"{k}={_fmt(v)}" for k, v in values.items())
-                    out.append(Arm(key, values, [*self.overrides, *(f"{k}={_fmt(v)}" for k, v in values.items())]))
+                    key = ",".join(f"{k}={format_axis_value(v)}" for k, v in values.items())
+                    out.append(Arm(key, values, [*self.overrides, *(f"{k}={format_axis_value(v)}" for k, v in values.items())]))
         return out
 
 
-def _fmt(value: Any) -> str:
+def format_axis_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
@@ -160,7 +160,7 @@ def _run_arm(client: MlflowClient, exp_id: str, parent: str, ablation: Ablation,
              composed: Composed, fit: Callable[..., FitResult]) -> ArmResult:
     composed.cfg["name"] = f"{ablation.name}[{arm.key}]"
     tags = {"mlflow.parentRunId": parent, "vidlab.arm": arm.key, "vidlab.sweep": ablation.name,
-            **{f"vidlab.axis.{k}": _fmt(v) for k, v in arm.values.items()}}
+            **{f"vidlab.axis.{k}": format_axis_value(v) for k, v in arm.values.items()}}
     child = client.create_run(exp_id, run_name=composed.cfg["name"], tags=tags).info.run_id
     try:
         result = fit(composed, run_id=child, tags=tags)
