@@ -23,9 +23,10 @@ def pretrained_autoencoder(checkpoint: str, trainable: bool = False) -> nn.Modul
 
     path = Path(checkpoint).expanduser()
     if not path.is_file():
+        experiment = path.parent.name if path.parent.parent.name == "autoencoders" else "vae_causal3d"
         raise FileNotFoundError(
-            f"autoencoder checkpoint {path} does not exist; train one with `vidlab fit vae_causal3d` "
-            "(it is written to <output_dir>/autoencoders/<name>/last.ckpt) and set vae.checkpoint=PATH"
+            f"autoencoder checkpoint {path} does not exist; train one with `vidlab fit {experiment}` "
+            "(it is written to <output_dir>/autoencoders/<experiment name>/last.ckpt) or set vae.checkpoint=PATH"
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     config = ckpt.get("vidlab_config") or {}

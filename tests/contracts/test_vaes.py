@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from experiments.build import instantiate
-from experiments.config import compose, groups, load_yaml, parse_override
+from experiments.config import ConfigError, compose, groups, load_yaml, parse_override
 
 from .vae_contract import (
     CPU_PARAM_LIMIT,
@@ -92,7 +92,12 @@ def builder(name: str) -> Build:
         pytest.skip(f"{PRESETS[name].name} needs {', '.join(unset)} (mandatory ???); set {SET_VARIABLE}='{example}'")
 
     def build() -> torch.nn.Module:
-        return instantiate(copy.deepcopy(node), f"{PRESETS[name]} [vae]")
+        try:
+            return instantiate(copy.deepcopy(node), f"{PRESETS[name]} [vae]")
+        except ConfigError as exc:  # e.g. trained_*: the checkpoint `vidlab fit vae_*` writes is not here
+            if isinstance(exc.__cause__, FileNotFoundError):
+                pytest.skip(f"{PRESETS[name].name} loads a file that does not exist here: {exc.__cause__}")
+            raise
 
     return build
 
