@@ -1,0 +1,166 @@
+"""Inception-I3D (Carreira & Zisserman 2017, "Quo Vadis, Action Recognition?") as the FVD detector.
+
+The module tree mirrors the PyTorch `InceptionI3d` of piergiaj/pytorch-i3d, so the state dict of
+`i3d_pretrained_400.pt` (VideoGPT / TATS / cd-fvd) loads key for key: `Conv3d_1a_7x7.conv3d.weight`,
+`Conv3d_1a_7x7.bn.{weight,bias,running_mean,running_var}`, `Mixed_3b.b0|b1a|b1b|b2a|b2b|b3b.*`, ...,
+`logits.conv3d.{weight,bias}`. Convolutions and max-pools use TensorFlow 'SAME' padding computed from
+the input size (zeros, as the reference pads before pooling); BatchNorm eps is 1e-3.
+
+Feature (Unterthiner et al. 2018 FVD as implemented by VideoGPT): the 400 Kinetics logits averaged
+over time. Input (B, 3, T, H, W) in [-1, 1]; the pooling (2, 7, 7) before the logits needs T >= 9 and
+H, W >= 193 (224 is the standard size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+I3D_FILENAME = "i3d_pretrained_400.pt"
+I3D_SHA1 = "a867b87ac3a9097d200598b1d48a1b890d8ec744"  # git blob SHA-1 (docs REFERENCE.md, ## FVD)
+
+
+def _same_pad(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...]) -> list[int]:
+    """TF 'SAME' padding for (T, H, W) as an F.pad list (W front/back, H ..., T ...)."""
+    pads: list[int] = []
+    for s, k, st in zip(reversed(size), reversed(kernel), reversed(stride)):
+        total = max(k - st, 0) if s % st == 0 else max(k - s % st, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+class Unit3D(nn.Module):
+    """SAME-padded Conv3d (+ BatchNorm3d eps 1e-3) (+ ReLU)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel=1, stride=1, bn: bool = True, relu: bool = True,
+                 bias: bool = False):
+        super().__init__()
+        self.kernel, self.stride, self.relu = _triple(kernel), _triple(stride), relu
+        self.conv3d = nn.Conv3d(in_ch, out_ch, self.kernel, self.stride, padding=0, bias=bias)
+        self.bn = nn.BatchNorm3d(out_ch, eps=0.001, momentum=0.01) if bn else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv3d(F.pad(x, _same_pad(tuple(x.shape[2:]), self.kernel, self.stride)))
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.relu(x) if self.relu else x
+
+
+class MaxPool3dSame(nn.Module):
+    """Max-pool 3D after zero TF-'SAME' padding (inputs are post-ReLU, so zeros never win wrongly)."""
+
+    def __init__(self, kernel, stride):
+        super().__init__()
+        self.kernel, self.stride = _triple(kernel), _triple(stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, _same_pad(tuple(x.shape[2:]), self.kernel, self.stride))
+        return F.max_pool3d(x, self.kernel, self.stride)
+
+
+class InceptionModule(nn.Module):
+    """Four branches concatenated on channels: 1x1 | 1x1→3x3 | 1x1→3x3 | maxpool 3x3→1x1."""
+
+    def __init__(self, in_ch: int, oc: tuple[int, int, int, int, int, int]):
+        super().__init__()
+        self.b0 = Unit3D(in_ch, oc[0], 1)
+        self.b1a, self.b1b = Unit3D(in_ch, oc[1], 1), Unit3D(oc[1], oc[2], 3)
+        self.b2a, self.b2b = Unit3D(in_ch, oc[3], 1), Unit3D(oc[3], oc[4], 3)
+        self.b3a, self.b3b = MaxPool3dSame(3, 1), Unit3D(in_ch, oc[5], 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(self.b3a(x))], 1)
+
+
+_MIXED = {  # name: (in channels, (b0, b1a, b1b, b2a, b2b, b3b))
+    "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
+    "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
+    "Mixed_4b": (480, (192, 96, 208, 16, 48, 64)),
+    "Mixed_4c": (512, (160, 112, 224, 24, 64, 64)),
+    "Mixed_4d": (512, (128, 128, 256, 24, 64, 64)),
+    "Mixed_4e": (512, (112, 144, 288, 32, 64, 64)),
+    "Mixed_4f": (528, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5b": (832, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5c": (832, (384, 192, 384, 48, 128, 128)),
+}
+
+
+class InceptionI3d(nn.Module):
+    """I3D up to the Kinetics logits. forward: (B, 3, T, H, W) in [-1, 1] → (B, num_classes)."""
+
+    num_features = 400
+
+    def __init__(self, num_classes: int = 400):
+        super().__init__()
+        self.num_features = num_classes
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, 7, 2)
+        self.MaxPool3d_2a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        self.Conv3d_2b_1x1 = Unit3D(64, 64, 1)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, 3)
+        self.MaxPool3d_3a_3x3 = MaxPool3dSame((1, 3, 3), (1, 2, 2))
+        self.Mixed_3b = InceptionModule(*_MIXED["Mixed_3b"])
+        self.Mixed_3c = InceptionModule(*_MIXED["Mixed_3c"])
+        self.MaxPool3d_4a_3x3 = MaxPool3dSame(3, 2)
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            setattr(self, name, InceptionModule(*_MIXED[name]))
+        self.MaxPool3d_5a_2x2 = MaxPool3dSame(2, 2)
+        self.Mixed_5b = InceptionModule(*_MIXED["Mixed_5b"])
+        self.Mixed_5c = InceptionModule(*_MIXED["Mixed_5c"])
+        self.logits = Unit3D(1024, num_classes, 1, bn=False, relu=False, bias=True)
+        self.order = ["Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3",
+                      "MaxPool3d_3a_3x3", "Mixed_3b", "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b",
+                      "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b",
+                      "Mixed_5c"]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for name in self.order:
+            x = getattr(self, name)(x)
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # (B, 1024, T/8 - 1, H/32 - 6, W/32 - 6); 1x1 at 224
+        x = self.logits(x)  # (dropout is the identity at evaluation)
+        return x.mean(dim=(3, 4)).mean(dim=2)  # spatial squeeze, then average over time → (B, 400)
+
+
+def git_blob_sha1(path: str | os.PathLike) -> str:
+    """SHA-1 of b"blob <size>\\0" + bytes, i.e. `git hash-object FILE`."""
+    data = Path(path).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def default_i3d_path() -> Path:
+    """`$VIDLAB_WEIGHTS_DIR/i3d_pretrained_400.pt`, else `~/.cache/vidlab/i3d_pretrained_400.pt`."""
+    root = os.environ.get("VIDLAB_WEIGHTS_DIR")
+    return Path(root) / I3D_FILENAME if root else Path.home() / ".cache" / "vidlab" / I3D_FILENAME
+
+
+def load_i3d(path: str | os.PathLike | None = None, expected_sha1: str | None = I3D_SHA1,
+             map_location: str | torch.device = "cpu") -> InceptionI3d:
+    """Build `InceptionI3d` in eval mode from a plain state dict (`i3d_pretrained_400.pt` layout).
+
+    `expected_sha1`: git blob SHA-1 to verify (None skips the check); a mismatch raises ValueError.
+    """
+    path = Path(path) if path is not None else default_i3d_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"I3D weights not found at {path}. Put {I3D_FILENAME} (git blob SHA-1 "
+            f"{expected_sha1 or I3D_SHA1}) there, pass its path, or set VIDLAB_WEIGHTS_DIR to its "
+            f"folder (default folder: ~/.cache/vidlab). No download is attempted.")
+    if expected_sha1 is not None:
+        actual = git_blob_sha1(path)
+        if actual != expected_sha1.lower():
+            raise ValueError(f"I3D weights {path}: git blob SHA-1 {actual}, expected {expected_sha1}")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    model = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"I3D weights {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    return model.eval().requires_grad_(False)
