@@ -17,7 +17,7 @@ from torch import nn
 
 from modules.vaes.base import DiagonalGaussian
 from modules.vaes.losses import (
-    LPIPS, PatchDiscriminator3D, adaptive_weight, adopt_weight, hinge_d_loss, hinge_g_loss, kl_loss,
+    LPIPS, PatchDiscriminator3D, adaptive_weight, hinge_d_loss, hinge_g_loss, kl_loss,
     reconstruction_loss,
 )
 
@@ -59,11 +59,6 @@ def test_hinge_losses_hand_computed():
     fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + f) = 0, 1, 2   -> mean 1
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 1))
     assert hinge_g_loss(fake).item() == pytest.approx(1 / 3)
-
-
-def test_adopt_weight():
-    assert adopt_weight(0.5, step=9, start=10) == 0.0
-    assert adopt_weight(0.5, step=10, start=10) == 0.5
 
 
 # -- adaptive weight ------------------------------------------------------------------------------------

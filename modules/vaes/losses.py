@@ -2,8 +2,8 @@
 discriminator with hinge losses, and VQGAN's adaptive generator weight. No Lightning here: the
 autoencoder LightningModule combines these (LDM / taming-transformers recipe)
 
-    L_AE = L_rec + w_p·LPIPS + w_kl·KL + adopt_weight(w_d, step, start)·λ·L_G,
-    L_D  = adopt_weight(1, step, start)·hinge_d_loss(D(x), D(x̂.detach())),
+    L_AE = L_rec + w_p·LPIPS + w_kl·KL + [step ≥ start]·w_d·λ·L_G,
+    L_D  = hinge_d_loss(D(x), D(x̂.detach()))   (from step `start` on; before it D is not run),
 
 with λ = `adaptive_weight(L_rec + w_p·LPIPS, L_G, last_layer)` (Esser et al. 2021, eq. 7).
 Videos are ``(B, C, T, H, W)`` with pixels in [-1, 1].
@@ -22,7 +22,7 @@ from modules.vaes.base import DiagonalGaussian
 
 __all__ = [
     "reconstruction_loss", "kl_loss", "LPIPS", "PatchDiscriminator3D",
-    "hinge_d_loss", "hinge_g_loss", "adaptive_weight", "adopt_weight",
+    "hinge_d_loss", "hinge_g_loss", "adaptive_weight",
 ]
 
 
@@ -319,8 +319,3 @@ def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer_weight: Tensor,
     (g_grad,) = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
     lam = torch.linalg.vector_norm(rec_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
     return lam.clamp(0.0, max_weight).detach()
-
-
-def adopt_weight(weight: float, step: int, start: int) -> float:
-    """``weight`` from ``step >= start`` on, 0 before (taming: the discriminator starts late)."""
-    return weight if step >= start else 0.0

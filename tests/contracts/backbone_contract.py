@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from modules.backbones.base import Denoiser
 from modules.backbones.card import measure_forward_flops
 from modules.conditioning import Conditioning
-from .common import add_noise_, parameter_count, reloaded_pair
+from .common import add_noise_, parameter_count, reloaded_pair, run_checks
 
 Build = Callable[[], nn.Module]
 CPU_PARAM_LIMIT = 50_000_000  # larger presets are checked on the meta device only
@@ -343,10 +343,4 @@ def check_backbone(build: Build, in_channels: int, text_dim: int, inputs: Inputs
         lambda: check_state_dict_round_trip(fresh, inputs),
         lambda: check_flops(fresh, x_shape, text_len, text_dim),
     ]
-    skipped = []
-    for check in checks:
-        try:
-            check()
-        except pytest.skip.Exception as exc:
-            skipped.append(str(exc))
-    return skipped
+    return run_checks(checks)

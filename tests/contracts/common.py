@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from typing import Callable
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -34,3 +36,14 @@ def reloaded_pair(build: Callable[[], nn.Module], perturb: Callable[..., nn.Modu
     fresh = perturb(build(), seed=2).eval()
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     return source, fresh
+
+
+def run_checks(checks: list[Callable[[], None]]) -> list[str]:
+    """Run every check; failures raise, and the reasons of the ones that skipped are returned."""
+    skipped = []
+    for check in checks:
+        try:
+            check()
+        except pytest.skip.Exception as exc:
+            skipped.append(str(exc))
+    return skipped

@@ -104,7 +104,7 @@ def test_skips_say_why():
         ("shape", lambda b: check_reconstruction_shape(b(), CLIP), r"decode\(encode\(x\)\) gives"),
         ("random", lambda b: check_deterministic(b(), CLIP), "two eval encodes differ"),
         ("stats_ignored", lambda b: check_normalisation(b(), CLIP), "changed with the latent statistics"),
-        ("unsaved", lambda b: check_state_dict_round_trip(b, CLIP), "reloaded autoencoder encodes differently"),
+        ("unsaved", lambda b: check_state_dict_round_trip(b, CLIP), "encodes of the reloaded autoencoder differ"),
         ("unused", lambda b: check_gradients(b(), CLIP), "no gradient.*spare"),
         ("no_grad", lambda b: check_gradients(b(), CLIP), "does not require grad"),
         ("lenient", lambda b: check_latent_shape_rejects_bad_sizes(b()), "must raise ValueError"),

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from modules.vaes.base import LatentAutoencoder, VideoAutoencoder
-from .common import add_noise_, parameter_count, reloaded_pair
+from .common import add_noise_, parameter_count, reloaded_pair, run_checks
 
 Build = Callable[[], nn.Module]
 CPU_PARAM_LIMIT = 50_000_000  # larger presets are checked on the meta device only
@@ -140,14 +140,19 @@ def check_reconstruction_shape(vae: nn.Module, x: Tensor) -> None:
     assert out.is_floating_point() and torch.isfinite(out).all(), "decode gives non-finite or non-float output"
 
 
+def _assert_same_codec(a: nn.Module, b: nn.Module, x: Tensor, encodes: str, decodes: str) -> None:
+    """``a`` and ``b`` encode ``x`` bit-identically, and decode ``a``'s latents bit-identically."""
+    with torch.no_grad():
+        za, zb = a.encode(x), b.encode(x)
+        assert torch.equal(za, zb), f"{encodes} differ by {_max_diff(za, zb):.3g} (is encode sampling in eval mode?)"
+        va, vb = a.decode(za), b.decode(za)
+    assert torch.equal(va, vb), f"{decodes} differ by {_max_diff(va, vb):.3g}"
+
+
 def check_deterministic(vae: nn.Module, x: Tensor) -> None:
     """In eval mode two encodes (the posterior mode) and two decodes are bit-identical."""
     vae.eval()
-    with torch.no_grad():
-        a, b = vae.encode(x), vae.encode(x)
-        assert torch.equal(a, b), f"two eval encodes differ by {_max_diff(a, b):.3g} (sampling in eval?)"
-        c, d = vae.decode(a), vae.decode(a)
-    assert torch.equal(c, d), f"two eval decodes differ by {_max_diff(c, d):.3g}"
+    _assert_same_codec(vae, vae, x, "two eval encodes", "two eval decodes")
 
 
 def check_normalisation(vae: nn.Module, x: Tensor) -> None:
@@ -183,11 +188,7 @@ def check_state_dict_round_trip(build: Build, x: Tensor) -> None:
     """torch.save(state_dict) → torch.load(weights_only=True) into a fresh instance → the same
     encode (and decode) outputs, latent statistics included."""
     source, fresh = reloaded_pair(build, perturb_)
-    with torch.no_grad():
-        a, b = source.encode(x), fresh.encode(x)
-        assert torch.equal(a, b), f"reloaded autoencoder encodes differently (max diff {_max_diff(a, b):.3g})"
-        c, d = source.decode(a), fresh.decode(a)
-    assert torch.equal(c, d), f"reloaded autoencoder decodes differently (max diff {_max_diff(c, d):.3g})"
+    _assert_same_codec(source, fresh, x, "encodes of the reloaded autoencoder", "decodes of the reloaded autoencoder")
 
 
 def check_gradients(vae: nn.Module, x: Tensor) -> None:
@@ -250,10 +251,4 @@ def check_vae(build: Build, x: Tensor | None = None) -> list[str]:
         lambda: check_state_dict_round_trip(fresh, clip),
         lambda: check_gradients(fresh(), clip),
     ]
-    skipped = []
-    for check in checks:
-        try:
-            check()
-        except pytest.skip.Exception as exc:
-            skipped.append(str(exc))
-    return skipped
+    return run_checks(checks)
