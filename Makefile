@@ -4,8 +4,9 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check
 PORT    ?= 5000
 OUT     ?= outputs
+VBENV   := .venv-vbench
 
-.PHONY: install demo smoke test ui bench clean
+.PHONY: install vbench-env demo smoke test ui bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,13 +25,26 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# VBench (eval/vbench.py) runs in its own env: vbench 0.1.5 pins transformers==4.33.2, numpy<2 and
+# timm<=1.0.12, and imports torchvision, which the CPU torch above lacks. Every package is pinned in
+# constraints-vbench.txt (torch is the registry's CUDA build, which runs on CPU). One pip call, one
+# resolution: vbench itself does not require torch, timm and pyiqa pull it in. eval/vbench.py runs
+# $(VBENV)/bin/python by default, so the folder name is fixed (:=).
+$(VBENV)/.installed: constraints-vbench.txt
+	python3 -m venv $(VBENV)
+	$(VBENV)/bin/python -m pip install --disable-pip-version-check --quiet -c constraints-vbench.txt \
+		vbench==0.1.5 torch torchvision setuptools
+	touch $@
+
+vbench-env: $(VBENV)/.installed  ## .venv-vbench, the environment eval/vbench.py runs vbench in
+
 demo: $(VENV)/.installed  ## the main job: configs/ablation/demo.yaml on Shapes
 	$(VENV)/bin/vidlab sweep configs/ablation/demo.yaml
 
 smoke: $(VENV)/.installed  ## a tiny model in under a minute
 	$(VENV)/bin/vidlab fit smoke
 
-test: $(VENV)/.installed-dev  ## the whole test suite (CPU)
+test: $(VENV)/.installed-dev $(VBENV)/.installed  ## the whole test suite (CPU; VBench through .venv-vbench)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev  ## benchmarks/: measured ratios, printed as name: value

@@ -30,12 +30,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.cadence import EveryNSteps
-from callbacks.held_out import HeldOutClips
+from callbacks.held_out import HeldOutMetric
 from eval.denoising import DEFAULT_LOG_SNRS, matched_snr_x0_error, metric_name
 
 
-class DenoisingError(EveryNSteps):
+class DenoisingError(HeldOutMetric):
     """Evaluate `eval.denoising.matched_snr_x0_error` at train end and every ``every_n_steps`` (0: end only).
 
     data: a LightningDataModule (built from a ``_target_`` node) whose ``dataset`` holds the held-out
@@ -43,8 +42,10 @@ class DenoisingError(EveryNSteps):
     order); batch_size: clips per forward pass (ε is drawn chunk by chunk from one generator, so
     keep it, like ``seed``, the same across the arms compared); log_snrs: the λ grid;
     seed: the noise generator's seed; prefix: metric name prefix. ``results`` holds the metrics of
-    the latest evaluation.
+    the latest evaluation. The loop over clips is `callbacks.held_out.HeldOutMetric`.
     """
+
+    summary = "x0_mse"
 
     def __init__(
         self,
@@ -56,50 +57,15 @@ class DenoisingError(EveryNSteps):
         every_n_steps: int = 0,
         prefix: str = "eval/",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"DenoisingError: batch_size must be positive, got {batch_size}")
         if not log_snrs:
             raise ValueError("log_snrs must list at least one log-SNR")
-        self.data = data
-        self.num_clips, self.batch_size = num_clips, batch_size
         self.log_snrs = [float(v) for v in log_snrs]
-        super().__init__(every_n_steps)
-        self.seed, self.prefix = seed, prefix
-        self.results: dict[str, float] = {}
-        self._held_out = HeldOutClips(data, num_clips, "DenoisingError")
+        super().__init__(data, num_clips, batch_size, seed, every_n_steps, prefix)
 
-    def clips(self, trainer: L.Trainer) -> tuple[Tensor, list[str]]:
-        """The held-out videos (N, 3, T, H, W) in [-1, 1] and their captions, loaded once."""
-        return self._held_out.load(trainer)
+    def measure(self, module: L.LightningModule, x0: Tensor, cond: Any, generator: torch.Generator) -> Tensor:
+        """(L, b): the x0 error of each clip at each λ (the same ε at every evaluation, in every arm)."""
+        return matched_snr_x0_error(module.objective, module.backbone, x0, cond, self.log_snrs, generator,
+                                    per_sample=True)
 
-    # -- evaluation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
-        """The metrics of ``module`` now: {``eval/x0_mse_lsnr{λ}``: ..., ``eval/x0_mse``: ...}."""
-        videos, captions = self.clips(trainer)
-        generator = torch.Generator().manual_seed(self.seed)  # the same ε at every evaluation, in every arm
-        was_training = module.training
-        module.eval()
-        total = torch.zeros(len(self.log_snrs), dtype=torch.float64)
-        try:
-            with trainer.precision_plugin.forward_context():
-                for start in range(0, self.num_clips, self.batch_size):
-                    video = videos[start : start + self.batch_size].to(module.device)  # (b, 3, T, H, W)
-                    x0 = module.vae.encode(video)  # (b, C, T', H', W') normalised latents
-                    cond = module.encode_text(captions[start : start + self.batch_size])
-                    err = matched_snr_x0_error(module.objective, module.backbone, x0.float(), cond, self.log_snrs,
-                                               generator, per_sample=True)  # (L, b)
-                    total += err.sum(1)
-        finally:
-            module.train(was_training)
-        mse = total / self.num_clips  # (L,)
-        metrics = {metric_name(lam, self.prefix): float(m) for lam, m in zip(self.log_snrs, mse)}
-        metrics[f"{self.prefix}x0_mse"] = float(mse.mean())
-        return metrics
-
-    def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        step = trainer.global_step
-        self.results = self.evaluate(trainer, module)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics(self.results, step=step)
+    def names(self) -> list[str]:
+        return [metric_name(lam, self.prefix) for lam in self.log_snrs]

@@ -57,15 +57,13 @@ from rich.progress import track
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.digest import file_digest, json_digest, module_digest
 from datamodules.video import ClipSampler, collate_videos
 
 log = logging.getLogger("vidlab.data")
 
 FORMAT = 1
 REBUILD = "vidlab cache-latents EXPERIMENT [overrides]"
-_WHOLE_FILE_BYTES = 8 << 20  # files up to this size are hashed whole
-_EDGE_BYTES = 1 << 20  # larger ones: size + first and last MiB
-_NOT_FINGERPRINTED = {"training", "path"}
 _PARTS = {"vae": "autoencoder (class, settings or weights)", "text": "text encoder",
           "data": "video files or captions", "clip": "clip settings (num_frames, stride, size, crop, seed)"}
 
@@ -94,44 +92,6 @@ class Fingerprint:
         return hashlib.sha256(json.dumps({"format": FORMAT, **self.parts}, sort_keys=True).encode()).hexdigest()
 
 
-def _plain(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return True
-    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
-
-
-def module_digest(module: nn.Module, weights: bool = True) -> str:
-    """sha256 of a module's class, public scalar attributes and (``weights``) state-dict tensors."""
-    h = hashlib.sha256()
-    cls = type(module)
-    settings = {k: v for k, v in vars(module).items()
-                if not k.startswith("_") and k not in _NOT_FINGERPRINTED and _plain(v)}
-    h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    if weights:
-        for key, tensor in module.state_dict().items():  # key order
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
-            h.update(flat.view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file: whole up to 8 MiB; else its size, first and last MiB (a real dataset is read
-    once per check, not end to end)."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
-        if size <= _WHOLE_FILE_BYTES:
-            h.update(handle.read())
-        else:
-            h.update(str(size).encode())
-            h.update(handle.read(_EDGE_BYTES))
-            handle.seek(size - _EDGE_BYTES)
-            h.update(handle.read(_EDGE_BYTES))
-    return h.hexdigest()
-
-
 def source_dataset(source: L.LightningDataModule) -> Any:
     """The source datamodule's `VideoDataset` (sets it up on first use)."""
     if getattr(source, "dataset", None) is None:
@@ -140,10 +100,6 @@ def source_dataset(source: L.LightningDataModule) -> Any:
     if dataset is None or not hasattr(dataset, "paths"):
         raise ValueError(f"latent cache: the source {type(source).__name__} has no VideoDataset as .dataset after setup")
     return dataset
-
-
-def _json_digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def clip_settings(source: L.LightningDataModule) -> dict[str, Any]:
@@ -160,7 +116,7 @@ def fingerprint(vae: nn.Module, text_encoder: nn.Module, source: L.LightningData
     """The fingerprint of the cache that ``vae`` and ``text_encoder`` make of ``source``'s clips."""
     own = getattr(source, "data_fingerprint", None)
     if callable(own):
-        data = _json_digest(str(own()))
+        data = json_digest(str(own()))
     else:
         d = source_dataset(source)
         h = hashlib.sha256()
@@ -169,7 +125,7 @@ def fingerprint(vae: nn.Module, text_encoder: nn.Module, source: L.LightningData
         data = h.hexdigest()
     trainable = any(p.requires_grad for p in text_encoder.parameters())
     return Fingerprint({"vae": module_digest(vae), "text": module_digest(text_encoder, weights=not trainable),
-                        "data": data, "clip": _json_digest(clip_settings(source))})
+                        "data": data, "clip": json_digest(clip_settings(source))})
 
 
 def cache_folder(root: str | os.PathLike, fp: Fingerprint) -> Path:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -23,6 +25,11 @@ from torch import Tensor, nn
 
 I3D_FILENAME = "i3d_pretrained_400.pt"
 I3D_SHA1 = "a867b87ac3a9097d200598b1d48a1b890d8ec744"  # git blob SHA-1 (docs REFERENCE.md, ## FVD)
+# VideoGPT's Google Drive file id 1mQK8KD8G6UWRa5t87SRMm5PVXtlpneJT (videogpt/download.py)
+I3D_URL = "https://drive.usercontent.google.com/download?id=1mQK8KD8G6UWRa5t87SRMm5PVXtlpneJT&export=download&confirm=t"
+TORCHSCRIPT_FILENAME = "i3d_torchscript.pt"  # StyleGAN-V (Skorokhodov et al. 2022), src/metrics/frechet_video_distance.py
+TORCHSCRIPT_SHA1 = "93daef59c7ae0e9e8f76225521407e60cbafa6aa"
+TORCHSCRIPT_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
 
 
 def _same_pad(size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...]) -> list[int]:
@@ -135,28 +142,73 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def weights_dir() -> Path:
+    """`$VIDLAB_WEIGHTS_DIR`, else `~/.cache/vidlab`: where detector weights are looked for."""
+    root = os.environ.get("VIDLAB_WEIGHTS_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "vidlab"
+
+
 def default_i3d_path() -> Path:
     """`$VIDLAB_WEIGHTS_DIR/i3d_pretrained_400.pt`, else `~/.cache/vidlab/i3d_pretrained_400.pt`."""
-    root = os.environ.get("VIDLAB_WEIGHTS_DIR")
-    return Path(root) / I3D_FILENAME if root else Path.home() / ".cache" / "vidlab" / I3D_FILENAME
+    return weights_dir() / I3D_FILENAME
+
+
+def download(url: str, target: Path, expected_sha1: str | None, timeout: float = 60.0) -> Path:
+    """Fetch ``url`` to ``target`` atomically (temp file + rename) and check its git blob SHA-1.
+
+    Raises OSError (offline, HTTP error) or ValueError (wrong file); nothing is left at ``target``.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out)
+        if expected_sha1 is not None and git_blob_sha1(tmp) != expected_sha1.lower():
+            raise ValueError(f"{url}: git blob SHA-1 {git_blob_sha1(tmp)}, expected {expected_sha1}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def locate_weights(filename: str, sha1: str, url: str | None, path: str | os.PathLike | None = None,
+                   expected_sha1: str | None = "published", allow_download: bool = True) -> Path:
+    """The checked weight file: ``path``, else ``weights_dir()/filename`` (downloaded from ``url``
+    into that folder when missing, unless ``allow_download`` is False or ``$VIDLAB_OFFLINE`` is set).
+
+    ``expected_sha1`` "published" means ``sha1`` (the published file's); None skips the check.
+    Raises FileNotFoundError naming the file, where to put it and its SHA-1; ValueError on a
+    SHA-1 mismatch.
+    """
+    want = sha1 if expected_sha1 == "published" else expected_sha1
+    target = Path(path) if path is not None else weights_dir() / filename
+    reason = ""
+    if not target.is_file() and url and allow_download and not os.environ.get("VIDLAB_OFFLINE"):
+        try:
+            download(url, target, want)
+        except (OSError, ValueError) as exc:  # offline: URLError is an OSError
+            reason = f" Download from {url} failed: {exc}."
+    if not target.is_file():
+        raise FileNotFoundError(
+            f"{filename} not found at {target}. Put {filename} (git blob SHA-1 {want or sha1}) there, "
+            f"pass its path, or set VIDLAB_WEIGHTS_DIR to its folder (default folder: ~/.cache/vidlab)."
+            + reason)
+    if want is not None:
+        actual = git_blob_sha1(target)
+        if actual != want.lower():
+            raise ValueError(f"{filename} at {target}: git blob SHA-1 {actual}, expected {want}")
+    return target
 
 
 def load_i3d(path: str | os.PathLike | None = None, expected_sha1: str | None = I3D_SHA1,
-             map_location: str | torch.device = "cpu") -> InceptionI3d:
+             map_location: str | torch.device = "cpu", allow_download: bool = True) -> InceptionI3d:
     """Build `InceptionI3d` in eval mode from a plain state dict (`i3d_pretrained_400.pt` layout).
 
+    Found by `locate_weights` (path, VIDLAB_WEIGHTS_DIR, ~/.cache/vidlab, else download);
     `expected_sha1`: git blob SHA-1 to verify (None skips the check); a mismatch raises ValueError.
+    Loaded with ``weights_only=True`` (no pickled code runs).
     """
-    path = Path(path) if path is not None else default_i3d_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"I3D weights not found at {path}. Put {I3D_FILENAME} (git blob SHA-1 "
-            f"{expected_sha1 or I3D_SHA1}) there, pass its path, or set VIDLAB_WEIGHTS_DIR to its "
-            f"folder (default folder: ~/.cache/vidlab). No download is attempted.")
-    if expected_sha1 is not None:
-        actual = git_blob_sha1(path)
-        if actual != expected_sha1.lower():
-            raise ValueError(f"I3D weights {path}: git blob SHA-1 {actual}, expected {expected_sha1}")
+    path = locate_weights(I3D_FILENAME, I3D_SHA1, I3D_URL, path, expected_sha1, allow_download)
     state = torch.load(path, map_location=map_location, weights_only=True)
     model = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -164,3 +216,50 @@ def load_i3d(path: str | os.PathLike | None = None, expected_sha1: str | None = 
     if missing or unexpected:
         raise ValueError(f"I3D weights {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return model.eval().requires_grad_(False)
+
+
+class TorchScriptI3D(nn.Module):
+    """StyleGAN-V's `i3d_torchscript.pt` behind the same interface as `InceptionI3d`.
+
+    forward: (B, 3, T, H, W) in [-1, 1], already resized by the protocol (`eval.fvd.preprocess`) →
+    (B, 400) features. The archive is called with ``rescale=False, resize=False,
+    return_features=True``: with rescale=True it would map [0, 255] to [-1, 1] itself, and feeding
+    it [-1, 1] on top would normalise twice (REFERENCE.md, ## FVD). This is how the comparison of
+    universome/fvd-comparison calls it, which matches the TF-hub FVD.
+    """
+
+    num_features = 400
+
+    def __init__(self, module: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x, rescale=False, resize=False, return_features=True)
+
+
+def load_torchscript_i3d(path: str | os.PathLike | None = None, expected_sha1: str | None = TORCHSCRIPT_SHA1,
+                         map_location: str | torch.device = "cpu", allow_download: bool = True) -> TorchScriptI3D:
+    """Load `i3d_torchscript.pt` (StyleGAN-V) with `torch.jit.load`, after the SHA-1 check.
+
+    A TorchScript archive holds TorchScript code and tensors, not pickled Python objects; the
+    SHA-1 check pins it to the published file.
+    """
+    path = locate_weights(TORCHSCRIPT_FILENAME, TORCHSCRIPT_SHA1, TORCHSCRIPT_URL, path, expected_sha1,
+                          allow_download)
+    module = torch.jit.load(str(path), map_location=map_location)
+    return TorchScriptI3D(module.eval()).eval().requires_grad_(False)
+
+
+DETECTORS = {I3D_FILENAME: load_i3d, TORCHSCRIPT_FILENAME: load_torchscript_i3d}
+
+
+def load_detector(name: str, path: str | os.PathLike | None = None, expected_sha1: str | None = "published",
+                  map_location: str | torch.device = "cpu") -> nn.Module:
+    """An FVD feature network by file name (`FVDProtocol.detector`): (B, 3, T, H, W) in [-1, 1] →
+    (B, num_features). ``expected_sha1="published"`` checks the published file's SHA-1."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown FVD detector {name!r}; known: {sorted(DETECTORS)}")
+    if expected_sha1 == "published":
+        expected_sha1 = I3D_SHA1 if name == I3D_FILENAME else TORCHSCRIPT_SHA1
+    return DETECTORS[name](path, expected_sha1, map_location)

@@ -218,19 +218,40 @@ def probe_predictions(model: ShapesProbe, videos: Tensor, batch_size: int = 64) 
 
 
 def probe_scores(model: ShapesProbe, videos: Tensor, prompts: Sequence[str]) -> dict[str, float]:
-    """How often the probe reads back what each prompt asked.
+    """How often the probe reads back what each prompt asked (`scores_from_predictions`)."""
+    if videos.shape[0] != len(prompts):
+        raise ValueError(f"{videos.shape[0]} videos but {len(prompts)} prompts")
+    return scores_from_predictions(probe_predictions(model, videos), prompts)
+
+
+def scores_from_predictions(pred: dict[str, Tensor], prompts: Sequence[str]) -> dict[str, float]:
+    """Accuracy of predicted class indices ``{attribute: (N,)}`` against the prompts' attributes.
 
     Returns:
         ``{"probe_acc_color", "probe_acc_shape", "probe_acc_motion", "probe_acc_background",
         "probe_acc_joint"}``; joint = all four attributes right on the same video.
     """
-    if videos.shape[0] != len(prompts):
-        raise ValueError(f"{videos.shape[0]} videos but {len(prompts)} prompts")
-    pred, want = probe_predictions(model, videos), _labels(prompts)
-    right = {a: pred[a] == want[a] for a in ATTRIBUTES}
+    want = _labels(prompts)
+    right = {a: pred[a].cpu() == want[a] for a in ATTRIBUTES}
     scores = {f"probe_acc_{a}": right[a].float().mean().item() for a in ATTRIBUTES}
     scores["probe_acc_joint"] = torch.stack(list(right.values())).all(0).float().mean().item()
     return scores
+
+
+def cached_probe(folder: str | Path, **train_args) -> ShapesProbe:
+    """`train_probe(**train_args)` once, then read back: ``<folder>/shapes_probe_<digest>.pt``, the
+    digest over the training arguments (training is deterministic in them)."""
+    from datamodules.digest import json_digest
+
+    path = Path(folder) / f"shapes_probe_{json_digest(train_args)[:16]}.pt"
+    if path.is_file():
+        return load_probe(path)
+    model = train_probe(**train_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_probe(model, tmp)
+    tmp.replace(path)
+    return model
 
 
 @torch.no_grad()

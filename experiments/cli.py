@@ -1,5 +1,5 @@
 """``vidlab``: fit an experiment (a generator, or an autoencoder with task: autoencoder), sweep an
-ablation, cache latents, sample from a trained run."""
+ablation, cache latents, sample from a trained run, evaluate videos or a run."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ EPILOG = """examples:
   vidlab fit vae_causal3d                           # train an autoencoder -> outputs/autoencoders/vae_causal3d/
   vidlab cache-latents smoke_cached                 # encode the data once; then: vidlab fit smoke_cached
   vidlab sample RUN_ID --prompt "a red circle moving left on a black background" --seed 0
+  vidlab eval --videos outputs/samples/cli --metrics probe,fvd_probe   # score mp4s into a new run
+  vidlab eval --run RUN_ID                          # sample + score a trained run, logged into it
 """
 
 
@@ -108,6 +110,34 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from experiments.evaluate import evaluate_folder, evaluate_run
+    from experiments.tracking import tracking_uri
+
+    if bool(args.videos) == bool(args.run):
+        raise ConfigError("vidlab eval: give exactly one of --videos DIR or --run RUN_ID")
+    metrics = [m for m in (args.metrics or "").split(",") if m.strip()]
+    dimensions = [d for d in args.vbench_dimensions.split(",") if d.strip()]
+    try:
+        if args.videos:
+            result = evaluate_folder(args.videos, metrics or ["probe", "fvd_probe"], args.reference, args.protocol,
+                                     args.detector_path, dimensions, args.num_reference, args.probe_steps)
+        else:
+            result = evaluate_run(args.run, metrics or None, args.num_videos)
+    except ValueError as exc:  # unknown metric, protocol or detector: a usage error
+        raise ConfigError(str(exc)) from exc
+    table = Table(title=f"vidlab eval -> run {result.run_id}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(result.scores.items()):
+        table.add_row(name, f"{value:.4f}")
+    console.print(table)
+    for path, why in result.skipped.items():
+        console.print(f"skipped {path}: {why}", soft_wrap=True)
+    console.print(_ui_hint(tracking_uri()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidlab", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +171,21 @@ def parser() -> argparse.ArgumentParser:
     smp.add_argument("--width", type=int)
     smp.add_argument("--cfg-scale", type=float, help="default: the run's guidance.cfg_scale")
     smp.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="score a folder of mp4s or a trained run (probe, fvd_probe, fvd, vbench) into MLflow")
+    ev.add_argument("--videos", metavar="DIR", help="mp4 files named <prompt>-<seed>.mp4; results go to a new run")
+    ev.add_argument("--run", metavar="RUN_ID", help="sample the run's evaluation videos; results go to that run")
+    ev.add_argument("--reference", metavar="DIR", help="real mp4s for fvd / fvd_probe (default for the Shapes "
+                    "metrics: held-out Shapes clips rendered at the videos' size)")
+    ev.add_argument("--metrics", help="comma list of probe,fvd_probe,fvd,vbench (default: probe,fvd_probe; "
+                    "with --run: the run's callbacks.evaluation.metrics)")
+    ev.add_argument("--protocol", default="fvd2048_16f", help="FVD protocol preset (default: %(default)s)")
+    ev.add_argument("--detector-path", help="I3D weight file (default: $VIDLAB_WEIGHTS_DIR or ~/.cache/vidlab)")
+    ev.add_argument("--vbench-dimensions", default="temporal_flickering", help="comma list (default: %(default)s)")
+    ev.add_argument("--num-reference", type=int, default=256, help="built-in Shapes reference clips (default: %(default)s)")
+    ev.add_argument("--probe-steps", type=int, default=1000, help="Shapes probe training steps, cached (default: %(default)s)")
+    ev.add_argument("--num-videos", type=int, help="with --run: videos to sample (default: the run's setting)")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

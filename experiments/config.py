@@ -107,6 +107,40 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
 
 
+def load_preset(presets: dict[str, Path], name: str, where: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset file; one that starts with ``defaults: [other, ...]`` extends those presets of its own
+    group: their keys first (in order), then its own, which may add keys, change values or set a
+    node to null (e.g. callbacks/ablation.yaml = default.yaml + the denoising metric)."""
+    node = load_yaml(presets[name])
+    bases = node.pop("defaults", None)
+    if bases is None:
+        return node
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{presets[name]}: 'defaults' of a preset must list presets of its group")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        if base not in presets:
+            raise ConfigError(f"{presets[name]}: unknown preset {base!r} in defaults; {nearest(base, set(presets))}")
+        if base in chain or base == name:
+            raise ConfigError(f"{presets[name]}: presets extend each other in a loop: {' -> '.join((*chain, name, base))}")
+        merged = _extend(merged, load_preset(presets, base, where, (*chain, name)))
+    return _extend(merged, node)
+
+
+def _extend(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge for preset inheritance: mappings merge key by key (a changed ``_target_`` replaces
+    the node), anything else replaces."""
+    out = dict(base)
+    for key, value in new.items():
+        old = out.get(key)
+        mergeable = isinstance(value, dict) and isinstance(old, dict)
+        if mergeable and value.get("_target_", old.get("_target_")) == old.get("_target_"):
+            out[key] = _extend(old, value)
+        else:
+            out[key] = value
+    return out
+
+
 def _type_ok(old: Any, new: Any) -> bool:
     interpolation = any(isinstance(v, str) and v.startswith("${") for v in (old, new))
     if old is None or new is None or old == "???" or interpolation:
@@ -202,7 +236,7 @@ def compose(experiment: str | Path, overrides: list[str] | tuple[str, ...] = ())
         if group not in cfg:
             raise ConfigError(f"{base_path}: preset group {group!r} has no top-level key")
         path = preset_files[group][name]
-        cfg[group] = load_yaml(path)
+        cfg[group] = load_preset(preset_files[group], name, str(path))
         sources[group] = str(path)
 
     merge_strict(cfg, exp, str(exp_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -17,3 +18,29 @@ def out_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDLAB_OUTPUT_DIR", str(out))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return out
+
+
+# One Shapes probe for the whole session (eval/probe.py; ~100 s to train), cached the way the
+# evaluation callback and `vidlab eval` cache it, so tests can place it where those look.
+PROBE_ARGS = {"steps": 1000, "num_frames": 8, "height": 32, "width": 32}
+
+
+@pytest.fixture(scope="session")
+def probe_cache(tmp_path_factory):
+    """A folder holding the trained probe as `eval.probe.cached_probe` names it for PROBE_ARGS."""
+    from eval.probe import cached_probe
+
+    keep = os.environ.get("VIDLAB_TEST_PROBE_DIR")  # a developer's persistent copy between runs
+    folder = Path(keep) if keep else tmp_path_factory.mktemp("probes")
+    cached_probe(folder, **PROBE_ARGS)
+    return folder
+
+
+@pytest.fixture
+def seeded_probe(out_dir, probe_cache):
+    """The session probe copied to ``<output_dir>/eval/probes/``, where the callback and CLI look."""
+    import shutil
+
+    target = out_dir / "eval" / "probes"
+    shutil.copytree(probe_cache, target, dirs_exist_ok=True)
+    return target

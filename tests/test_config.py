@@ -149,3 +149,25 @@ def test_resolved_config_recomposes_to_itself(tmp_path, out_dir):
     assert again.cfg == composed.cfg
     preset = load_yaml(REPO_CONFIGS / "backbone" / "dit_small.yaml")
     assert flatten(again.cfg)["backbone.dim"] == preset["dim"] and again.cfg["seed"] == 3
+
+
+def test_preset_extends_presets_of_its_group(tmp_path, monkeypatch):
+    """callbacks/ablation.yaml = default.yaml + denoising - timestep_loss; loops and unknown bases
+    are errors naming the file."""
+    from experiments.config import load_preset
+
+    composed = compose("smoke", ["callbacks=ablation"])
+    callbacks = composed.cfg["callbacks"]
+    assert {"samples", "model_card", "denoising"} <= set(callbacks) and callbacks["timestep_loss"] is None
+    default = compose("smoke").cfg["callbacks"]
+    assert callbacks["samples"] == default["samples"]  # inherited, then smoke.yaml's change applied to it
+    presets = {n: tmp_path / f"{n}.yaml" for n in ("a", "b", "c")}
+    presets["a"].write_text("defaults: [b]\nx: {_target_: X, k: 1}\n")
+    presets["b"].write_text("defaults: [a]\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_preset(presets, "a", "test")
+    presets["c"].write_text("defaults: [bb]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*'bb'"):
+        load_preset(presets, "c", "test")
+    presets["b"].write_text("x: {_target_: X, k: 0, j: 2}\ny: 3\n")
+    assert load_preset(presets, "a", "test") == {"x": {"_target_": "X", "k": 1, "j": 2}, "y": 3}

@@ -202,3 +202,62 @@ def test_i3d_found_through_weights_dir(i3d_file, monkeypatch):
     monkeypatch.setenv("VIDLAB_WEIGHTS_DIR", str(path.parent))
     model = load_i3d(expected_sha1=_git_sha1(path))
     assert model.logits.conv3d.weight.shape == (400, 1024, 1, 1, 1)
+
+
+class _StyleGANVLike(torch.nn.Module):
+    """A stand-in with the call signature of StyleGAN-V's i3d_torchscript.pt: with rescale it maps
+    [0, 255] to [-1, 1] itself, with resize it resizes to 224 itself; it returns features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 400)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        if rescale:
+            x = x / 127.5 - 1.0
+        if resize:
+            x = F.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear", align_corners=False)
+        h = self.proj(x.mean(dim=(2, 3, 4)))  # (B, 400)
+        return h if return_features else h.softmax(-1)
+
+
+def test_torchscript_detector_loads_checked_and_is_called_without_a_second_normalisation(tmp_path):
+    from eval.i3d import TORCHSCRIPT_SHA1, load_detector
+
+    torch.manual_seed(0)
+    module = _StyleGANVLike().eval()
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.save(torch.jit.script(module), str(path))
+    detector = load_detector("i3d_torchscript.pt", path, expected_sha1=_git_sha1(path))
+    x = torch.rand(2, 3, 16, 224, 224) * 2 - 1  # [-1, 1], already resized by the protocol
+    with torch.no_grad():
+        assert torch.allclose(detector(x), module(x, rescale=False, resize=False, return_features=True))
+        uint8 = ((x + 1) * 127.5)  # the same clip as StyleGAN-V feeds it: [0, 255], rescale=True
+        assert torch.allclose(detector(x), module(uint8, rescale=True, resize=False, return_features=True), atol=1e-5)
+    assert detector.num_features == 400
+    with pytest.raises(ValueError, match=TORCHSCRIPT_SHA1):
+        load_detector("i3d_torchscript.pt", path)  # this file is not the published one
+    with pytest.raises(ValueError, match="unknown FVD detector"):
+        load_detector("i3d_600.pt", path)
+
+
+def test_weights_are_downloaded_when_missing_and_checked(tmp_path, monkeypatch):
+    """The download path, through a file:// URL: fetched into the weights folder atomically and
+    checked; a wrong file is not kept; $VIDLAB_OFFLINE skips the attempt."""
+    from eval.i3d import locate_weights
+
+    source = tmp_path / "server" / "w.pt"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    sha1 = _git_sha1(source)
+    monkeypatch.setenv("VIDLAB_WEIGHTS_DIR", str(tmp_path / "cache"))
+    got = locate_weights("w.pt", sha1, source.as_uri())
+    assert got == tmp_path / "cache" / "w.pt" and got.read_bytes() == b"weights"
+    with pytest.raises(FileNotFoundError, match="Download from .* failed.*expected 0{40}"):
+        locate_weights("v.pt", "0" * 40, source.as_uri())
+    assert not (tmp_path / "cache" / "v.pt").exists() and not list((tmp_path / "cache").glob("*.part"))
+    monkeypatch.setenv("VIDLAB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        locate_weights("u.pt", sha1, source.as_uri())
+    assert "Download" not in str(e.value) and sha1 in str(e.value)

@@ -12,18 +12,20 @@ import torch
 
 from datamodules.shapes import ShapesDataModule, caption, sample_attributes
 from eval.probe import (ATTRIBUTES, caption_labels, fvd_probe, load_probe, parse_caption,
-                        probe_features, probe_scores, render_set, save_probe, train_probe)
+                        probe_features, probe_scores, render_set, save_probe)
 
 STEPS = 1000  # measured: ~100 s on 2 CPU threads; shape reaches >= 95 % from here (300 steps: ~42 %)
 HELD_OUT = 256
 
 
 @pytest.fixture(scope="module")
-def probe():
-    log: dict = {}
-    model = train_probe(steps=STEPS, seed=0, log=log)
-    print(f"probe trained in {log['train_seconds']:.1f} s, final loss {log['final_loss']:.3f}")
-    return model
+def probe(probe_cache):
+    """The session's probe (conftest: train_probe(steps=1000, seed 0) at 8x32x32, cached)."""
+    from conftest import PROBE_ARGS
+    from eval.probe import cached_probe
+
+    assert PROBE_ARGS["steps"] == STEPS
+    return cached_probe(probe_cache, **PROBE_ARGS)
 
 
 @pytest.fixture(scope="module")

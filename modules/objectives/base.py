@@ -23,9 +23,15 @@ class LossOutput:
 
 @runtime_checkable
 class Objective(Protocol):
-    def loss(self, net, x0: Tensor, cond: Conditioning, per_frame: bool = False) -> LossOutput:
+    def loss(
+        self, net, x0: Tensor, cond: Conditioning, per_frame: bool = False, t: Tensor | None = None
+    ) -> LossOutput:
         """Draw t and noise, form x_t, regress the network output on the target. ``per_frame``: one
-        t per frame, (B, T), for backbones that declare ``per_frame_time`` (diffusion forcing)."""
+        t per frame, (B, T), for backbones that declare ``per_frame_time`` (diffusion forcing).
+        ``t``: (B,) or (B, T) fixed times used instead of drawing (``per_frame`` then ignored); the
+        noise is still drawn (from ``generator`` where the objective takes one), so a fixed generator
+        state gives the same noise at every t (validation loss per time bucket,
+        eval/timestep_loss.py)."""
         ...
 
     def velocity(self, net, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:

@@ -180,18 +180,30 @@ class Diffusion:
         return velocity_from_predictions(self.path, t, x0, eps).to(out.dtype)
 
     def loss(
-        self, net, x0: Tensor, cond: Conditioning, generator: torch.Generator | None = None, per_frame: bool = False
+        self,
+        net,
+        x0: Tensor,
+        cond: Conditioning,
+        generator: torch.Generator | None = None,
+        per_frame: bool = False,
+        t: Tensor | None = None,
     ) -> LossOutput:
         """Draw t, then noise ~ N(0, I) (in that order from ``generator``); regress the network output
         on the ``prediction`` target with the ``weighting``.
 
         t is (B,), or with ``per_frame`` (B, T) for x0 (B, C, T, H, W) (diffusion forcing, Chen et
-        al. 2024). per_sample: (B,) mean over all non-batch elements of w(t)·(output − target)²;
-        loss: its mean.
+        al. 2024). A given ``t`` ((B,) or (B, T), in (0, 1]) is used instead of drawing one
+        (``per_frame`` is then ignored) and only the noise is drawn, so one generator state gives the
+        same noise at every t (eval/timestep_loss.py). per_sample: (B,) mean over all non-batch
+        elements of w(t)·(output − target)²; loss: its mean.
         """
         B = x0.shape[0]
-        frames = x0.shape[2] if per_frame else None
-        t = self.sample_t(B, x0.device, generator, frames).to(x0.dtype)  # (B,) or (B, T)
+        if t is None:
+            frames = x0.shape[2] if per_frame else None
+            t = self.sample_t(B, x0.device, generator, frames)  # (B,) or (B, T)
+        elif t.shape not in ((B,), (B, *x0.shape[2:3])):  # (B, T) per frame for x0 (B, C, T, H, W)
+            raise ValueError(f"t must be (B,) or (B, T) for x0 {tuple(x0.shape)}, got {tuple(t.shape)}")
+        t = t.to(device=x0.device, dtype=x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = interpolate(self.path, x0, noise, t)
         out = net(x_t, t * self.time_scale, cond)
