@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 
 from experiments.config import Composed, ConfigError, nearest
+from modules.parallel import FSDP2Strategy, ParallelConfig
 from modules.system import AutoencoderLossConfig, AutoencoderSystem, GeneratorSystem, GuidanceConfig, OptimConfig
 
 
@@ -124,7 +125,18 @@ def build_generator_system(composed: Composed) -> GeneratorSystem:
         backbone=parts.backbone, vae=parts.vae, text_encoder=parts.text,
         objective=parts.objective, sampler=parts.sampler,
         optim=OptimConfig(**cfg["optim"]), guidance=GuidanceConfig(**cfg["guidance"]), config=cfg,
+        parallel=parallel_config(composed),
     )
+
+
+def parallel_config(composed: Composed) -> ParallelConfig:
+    """The ``parallel`` section (modules/parallel.py), checked."""
+    node = composed.cfg.get("parallel") or {}
+    check_kwargs(ParallelConfig, list(node), _where(composed, "parallel"))
+    try:
+        return ParallelConfig(**node)
+    except ValueError as exc:
+        raise ConfigError(f"{_where(composed, 'parallel')}: {exc}") from exc
 
 
 def build_autoencoder_system(composed: Composed) -> AutoencoderSystem:
@@ -167,9 +179,15 @@ def build_callbacks(composed: Composed) -> list[L.Callback]:
 
 
 def trainer_kwargs(composed: Composed) -> dict[str, Any]:
-    """The ``trainer`` section, checked against ``lightning.Trainer``'s parameters."""
+    """The ``trainer`` section, checked against ``lightning.Trainer``'s parameters; ``strategy: fsdp``
+    becomes `modules.parallel.FSDP2Strategy` (``ddp`` and Lightning's other names pass through)."""
     kwargs = dict(composed.cfg["trainer"])
     check_kwargs(L.Trainer.__init__, list(kwargs), _where(composed, "trainer"))
+    if kwargs.get("strategy") == "fsdp":
+        if composed.cfg.get("task") == "autoencoder":
+            raise ConfigError(f"{_where(composed, 'trainer')}: strategy fsdp shards a generator's backbone blocks; "
+                              "train autoencoders with ddp")
+        kwargs["strategy"] = FSDP2Strategy()
     if composed.cfg.get("task") == "autoencoder":  # manual optimisation: the system clips (see above)
         kwargs.pop("gradient_clip_val", None)
         kwargs.pop("gradient_clip_algorithm", None)

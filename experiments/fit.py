@@ -10,11 +10,13 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.samples import SampleVideos
 from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
 from experiments.config import Composed
-from experiments.tracking import git_state, log_config, make_logger
+from experiments.ranks import global_rank, publish_run_id, shared_run_id
+from experiments.tracking import git_state, log_config, make_logger, tracking_uri
 
 
 @dataclass
@@ -40,12 +42,18 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     callbacks = build_callbacks(composed)
 
     preset_tags = {f"vidlab.preset.{group}": name for group, name in composed.presets.items()}
-    logger = make_logger(cfg, run_id=run_id, tags={**preset_tags, **(tags or {})})
-    client, run = logger.experiment, logger.run_id
-    # set here too: MLFlowLogger ignores its tags when it resumes an existing run (sweep children)
-    for key, value in {**git_state(), **preset_tags, **(tags or {})}.items():
-        client.set_tag(run, key, value)
-    log_config(client, run, cfg)
+    if global_rank() == 0:
+        logger = make_logger(cfg, run_id=run_id, tags={**preset_tags, **(tags or {})})
+        client, run = logger.experiment, logger.run_id
+        # set here too: MLFlowLogger ignores its tags when it resumes an existing run (sweep children)
+        for key, value in {**git_state(), **preset_tags, **(tags or {})}.items():
+            client.set_tag(run, key, value)
+        log_config(client, run, cfg)
+        publish_run_id(cfg["output_dir"], run)  # the other ranks log nothing but use its folders
+    else:
+        run = shared_run_id(cfg["output_dir"])
+        logger = MLFlowLogger(experiment_name=cfg["tracking"]["experiment"], tracking_uri=tracking_uri(cfg), run_id=run)
+        client = None
 
     ckpt_dir = Path(cfg["output_dir"]) / "checkpoints" / run
     checkpoint = ModelCheckpoint(

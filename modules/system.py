@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from modules.conditioning import Conditioning
+from modules.parallel import ParallelConfig, parallelize, unsharded_trainable
 from modules.samplers.guidance import Scale, classifier_free_guidance, expert_cfg_scale
 from modules.samplers.rollout import frame_rollout
 from modules.vaes.base import LatentAutoencoder
@@ -101,6 +102,7 @@ class GeneratorSystem(L.LightningModule):
         optim: OptimConfig | None = None,
         guidance: GuidanceConfig | None = None,
         config: dict[str, Any] | None = None,
+        parallel: ParallelConfig | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -114,6 +116,29 @@ class GeneratorSystem(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.guidance = guidance or GuidanceConfig()
         self.config = config or {}
+        self.parallel = parallel or ParallelConfig()
+        self._parallelized = False
+
+    def configure_model(self) -> None:
+        """Apply `modules.parallel.parallelize` once: activation checkpointing / compile per block, and
+        under `FSDP2Strategy` (a device mesh is set) FSDP2 sharding of blocks, backbone and a
+        trainable text encoder."""
+        if self._parallelized:
+            return
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        trainable_text = self._modules.get("text_encoder")
+        parallelize(self.backbone, trainable_text, self.parallel, mesh, self.device)
+        if mesh is not None:
+            left = [n for n in unsharded_trainable(self) if not n.startswith("vae.")]
+            if left:
+                raise RuntimeError(f"FSDP2: trainable parameters outside every sharded unit: {left[:5]}")
+        self._parallelized = True
+
+    def on_fit_start(self) -> None:
+        """Across processes every rank draws its own times, noise and caption dropout: seed + rank
+        (the weights were built before this, from the same seed on every rank)."""
+        if self.trainer.world_size > 1:
+            torch.manual_seed(int(self.config.get("seed", 0)) + self.trainer.global_rank)
 
     # -- conditioning ----------------------------------------------------------------------------
 
