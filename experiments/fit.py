@@ -14,9 +14,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.samples import SampleVideos
 from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
+from experiments.checkpoint_io import AtomicCheckpointIO
 from experiments.config import Composed
 from experiments.ranks import global_rank, publish_run_id, shared_run_id
 from experiments.tracking import git_state, log_config, make_logger, tracking_uri
+from modules.parallel import FSDP2Strategy
 
 
 @dataclass
@@ -61,9 +63,11 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
         every_n_train_steps=cfg["checkpoint"]["every_n_steps"], save_top_k=cfg["checkpoint"]["keep_last"],
         monitor="step", mode="max", save_last=True,
     )
+    kwargs = trainer_kwargs(composed)
+    sharded = isinstance(kwargs.get("strategy"), FSDP2Strategy)  # torch.distributed.checkpoint writes the shards
     trainer = L.Trainer(
-        **trainer_kwargs(composed), logger=logger, callbacks=[*callbacks, checkpoint],
-        default_root_dir=cfg["output_dir"],
+        **kwargs, logger=logger, callbacks=[*callbacks, checkpoint], default_root_dir=cfg["output_dir"],
+        plugins=None if sharded else [AtomicCheckpointIO()],
     )
     trainer.fit(system, datamodule=datamodule)
 

@@ -4,12 +4,17 @@ Default store: an embedded SQLite database ``<output_dir>/mlflow.db`` with artif
 ``<output_dir>/mlartifacts``; ``tracking.uri`` in the config or ``MLFLOW_TRACKING_URI`` overrides it.
 Every run gets its resolved config (flattened params and a ``config.yaml`` artifact), the git commit
 (``mlflow.source.git.commit``, the tag the MLflow UI shows) and whether the tree was dirty.
+A tracking server that does not answer at start is an error naming it, or, with
+``tracking.fallback_local: true``, a warning and the local store (`tracking_uri`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +22,66 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from experiments.config import flatten, to_yaml
+from experiments.config import ConfigError, flatten, to_yaml
+
+log = logging.getLogger("vidlab.tracking")
+_PROBLEMS: dict[str, str | None] = {}  # uri -> why it does not answer (None: it does)
+_WARNED: set[str] = set()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
-def tracking_uri(cfg: dict[str, Any] | None = None) -> str:
+def requested_uri(cfg: dict[str, Any] | None = None) -> str:
     """Config ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the embedded SQLite store."""
     configured = (cfg or {}).get("tracking", {}).get("uri")
     if configured:
         return str(configured)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    return local_uri(cfg)
+
+
+def local_uri(cfg: dict[str, Any] | None = None) -> str:
+    """``sqlite:///<output_dir>/mlflow.db`` (the folder is created)."""
     out = Path((cfg or {}).get("output_dir") or os.environ.get("VIDLAB_OUTPUT_DIR", "outputs")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{out / 'mlflow.db'}"
+
+
+def server_problem(uri: str, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server does not answer its ``/health`` endpoint, or None (it answers,
+    or the store is local). Checked once per URI per process."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    if uri not in _PROBLEMS:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                _PROBLEMS[uri] = None
+        except urllib.error.HTTPError:  # it answered, with an HTTP status: reachable
+            _PROBLEMS[uri] = None
+        except (OSError, ValueError) as exc:  # refused, unknown host, timeout
+            _PROBLEMS[uri] = str(getattr(exc, "reason", exc))
+    return _PROBLEMS[uri]
+
+
+def tracking_uri(cfg: dict[str, Any] | None = None) -> str:
+    """`requested_uri`, checked: a server that does not answer is a ConfigError naming it, or with
+    ``tracking.fallback_local: true`` the local store instead (a warning; the run is tagged
+    ``vidlab.tracking_fallback_from``)."""
+    uri = requested_uri(cfg)
+    problem = server_problem(uri)
+    if problem is None:
+        return uri
+    local = local_uri(cfg)
+    if not (cfg or {}).get("tracking", {}).get("fallback_local"):
+        raise ConfigError(f"MLflow tracking server {uri} does not answer ({problem}). Start it, fix tracking.uri "
+                          f"or MLFLOW_TRACKING_URI, or set tracking.fallback_local=true to log to {local} instead")
+    if uri not in _WARNED:
+        log.warning("MLflow tracking server %s does not answer (%s): logging to %s (tracking.fallback_local)",
+                    uri, problem, local)
+        _WARNED.add(uri)
+    return local
 
 
 def artifact_location(cfg: dict[str, Any], uri: str) -> str | None:
@@ -75,6 +124,8 @@ def experiment_id(cfg: dict[str, Any]) -> str:
 def make_logger(cfg: dict[str, Any], run_id: str | None = None, tags: dict[str, str] | None = None) -> MLFlowLogger:
     """A Lightning MLFlowLogger on the configured store; ``run_id`` continues an existing run."""
     uri = tracking_uri(cfg)
+    if uri != requested_uri(cfg):
+        tags = {**(tags or {}), "vidlab.tracking_fallback_from": requested_uri(cfg)}
     experiment_id(cfg)  # create with our artifact location before Lightning would create it without
     return MLFlowLogger(
         experiment_name=cfg["tracking"]["experiment"],
