@@ -121,10 +121,14 @@ def build_generator_system(composed: Composed) -> GeneratorSystem:
     parts = build_parts(composed)
     check_kwargs(OptimConfig, list(cfg["optim"]), _where(composed, "optim"))
     check_kwargs(GuidanceConfig, list(cfg["guidance"]), _where(composed, "guidance"))
+    try:
+        optim = OptimConfig(**cfg["optim"])
+    except ValueError as exc:  # optim.nonfinite not stop | skip
+        raise ConfigError(f"{_where(composed, 'optim')}: {exc}") from exc
     return GeneratorSystem(
         backbone=parts.backbone, vae=parts.vae, text_encoder=parts.text,
         objective=parts.objective, sampler=parts.sampler,
-        optim=OptimConfig(**cfg["optim"]), guidance=GuidanceConfig(**cfg["guidance"]), config=cfg,
+        optim=optim, guidance=GuidanceConfig(**cfg["guidance"]), config=cfg,
         parallel=parallel_config(composed),
     )
 

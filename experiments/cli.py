@@ -199,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # '[overrides]' is not markup
         return 2
+    except RuntimeError as exc:
+        from modules.system import NonFiniteLossError  # torch is imported only by commands that need it
+
+        if not isinstance(exc, NonFiniteLossError):
+            raise
+        errors.print(f"[bold red]stopped:[/] {escape(str(exc))}", highlight=False)  # optim.nonfinite=stop
+        return 1
 
 
 if __name__ == "__main__":

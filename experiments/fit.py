@@ -19,6 +19,7 @@ from experiments.config import Composed
 from experiments.ranks import global_rank, publish_run_id, shared_run_id
 from experiments.tracking import git_state, log_config, make_logger, tracking_uri
 from modules.parallel import FSDP2Strategy
+from modules.system import NonFiniteLossError
 
 
 @dataclass
@@ -69,7 +70,14 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
         **kwargs, logger=logger, callbacks=[*callbacks, checkpoint], default_root_dir=cfg["output_dir"],
         plugins=None if sharded else [AtomicCheckpointIO()],
     )
-    trainer.fit(system, datamodule=datamodule)
+    try:
+        trainer.fit(system, datamodule=datamodule)
+    except NonFiniteLossError as exc:  # weights and checkpoints are as of the last finite step
+        if trainer.is_global_zero:
+            client.set_tag(run, "vidlab.stopped", str(exc)[:5000])
+            if checkpoint.last_model_path:
+                client.set_tag(run, "vidlab.checkpoint", checkpoint.last_model_path)
+        raise
 
     last = ckpt_dir / "last.ckpt"
     # ModelCheckpoint writes last.ckpt on its step cadence only; the final state (steps after the last

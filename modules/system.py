@@ -9,6 +9,8 @@ applies, in which order optimisers step, and what a checkpoint carries.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from modules.conditioning import Conditioning
 from modules.parallel import ParallelConfig, parallelize, unsharded_trainable
@@ -33,14 +36,42 @@ from modules.vaes.losses import (
 )
 
 
+log = logging.getLogger("vidlab.train")
+
+NONFINITE_CHOICES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/Inf loss or gradient (``optim.nonfinite: stop``), before the optimizer
+    step: the weights, and every checkpoint written, are those of the last finite step."""
+
+
 @dataclass
 class OptimConfig:
-    """AdamW with a linear warm-up to ``lr`` over ``warmup_steps``, constant after."""
+    """AdamW with a linear warm-up to ``lr`` over ``warmup_steps``, constant after.
+
+    ``nonfinite``: what a step does whose loss or gradients are NaN/Inf on any rank (generator
+    training): ``stop`` raises `NonFiniteLossError`; ``skip`` leaves the weights and the optimizer
+    state untouched for that batch. Both count it in the metric ``train/nonfinite_skipped``.
+    """
 
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] | list[float] = (0.9, 0.999)
     warmup_steps: int = 0
+    nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE_CHOICES:
+            raise ValueError(f"optim.nonfinite must be one of {' | '.join(NONFINITE_CHOICES)}, got {self.nonfinite!r}")
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool tensor: every element of every tensor is finite (a DTensor: this rank's shard; no sync)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    if not local:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack([torch.isfinite(t).all().to(local[0].device) for t in local]).all()
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -118,6 +149,10 @@ class GeneratorSystem(L.LightningModule):
         self.config = config or {}
         self.parallel = parallel or ParallelConfig()
         self._parallelized = False
+        self.nonfinite_skipped = 0  # batches not applied because of a NaN/Inf loss or gradient (any rank)
+        self._loss_nonfinite: Tensor | None = None  # since the last optimizer step, this rank (no sync)
+        self._last_loss: Tensor | None = None
+        self._last_batch = 0
 
     def configure_model(self) -> None:
         """Apply `modules.parallel.parallelize` once: activation checkpointing / compile per block, and
@@ -188,7 +223,59 @@ class GeneratorSystem(L.LightningModule):
         per_frame = bool(getattr(self.backbone, "per_frame_time", False))  # diffusion forcing
         out = self.objective.loss(self.backbone, x0, cond, per_frame=per_frame)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=x0.shape[0])
+        # read in on_before_optimizer_step, where every rank decides together (see there)
+        bad = ~torch.isfinite(out.loss.detach()).all()
+        self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
+        self._last_loss, self._last_batch = out.loss.detach(), batch_idx
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optim.nonfinite``: a NaN/Inf loss (any micro-batch since the last step) or gradient on any
+        rank stops (`NonFiniteLossError`) or skips this step on every rank.
+
+        The loss went through backward as usual (Lightning forbids a None loss with several ranks, and
+        DDP / FSDP expect every rank's backward), so the step is skipped here, after the gradients
+        are reduced and before clipping and ``optimizer.step``: dropping every gradient makes AdamW
+        leave all parameters and their moments as they are. One all-reduce of two flags per step.
+        Under fp16 AMP the gradient scaler owns Inf gradients (it skips those steps itself).
+        """
+        loss_bad = self._loss_nonfinite if self._loss_nonfinite is not None else torch.zeros((), dtype=torch.bool)
+        self._loss_nonfinite = None
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in self.parameters() if p.grad is not None]
+        flags = torch.stack([loss_bad.to(self.device), ~all_finite(grads).to(self.device)]).float()
+        ranks_loss, ranks_grad = self.trainer.strategy.reduce(flags, reduce_op="sum").tolist()  # ranks that saw it
+        if not ranks_loss and not ranks_grad:
+            return
+        self.nonfinite_skipped += 1
+        for logger in self.loggers:  # at once, not on the log_every_n_steps cadence (rank zero only)
+            logger.log_metrics({"train/nonfinite_skipped": float(self.nonfinite_skipped)}, step=self.global_step)
+        what = self._nonfinite_reason(int(ranks_loss), int(ranks_grad))
+        where = f"at step {self.global_step} (batch {self._last_batch} of epoch {self.current_epoch})"
+        if self.optim.nonfinite == "stop":
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise NonFiniteLossError(
+                f"{what} {where}: stopped before the optimizer step (optim.nonfinite=stop); the weights were not "
+                f"updated and the last checkpoint is {ckpt}; set optim.nonfinite=skip to skip such batches")
+        if self.trainer.is_global_zero:
+            log.warning("%s %s: batch skipped (optim.nonfinite=skip), %d so far", what, where, self.nonfinite_skipped)
+        for p in self.parameters():
+            p.grad = None
+
+    def _nonfinite_reason(self, ranks_loss: int, ranks_grad: int) -> str:
+        """What was non-finite, in words: this rank's loss value, or the other ranks, or gradients."""
+        loss = float("nan") if self._last_loss is None else float(self._last_loss.float().mean())
+        world = self.trainer.world_size
+
+        def ranks(n: int) -> str:
+            return f" on {n} of {world} ranks" if world > 1 else ""
+
+        if ranks_loss:
+            this = f" (this rank: {loss:.6g})" if math.isfinite(loss) else ""
+            return f"train/loss is {'NaN/Inf' if this else f'{loss:.6g}'}{ranks(ranks_loss)}{this}"
+        names = [n for n, p in self.named_parameters() if p.grad is not None and not all_finite([p.grad])]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"gradients are NaN/Inf{ranks(ranks_grad)} ({shown or 'other ranks'}) with a finite train/loss {loss:.6g}"
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
