@@ -31,6 +31,7 @@ from eval.reference import FeatureSums
 from eval.scorer import VideoScorer, check_metrics
 from eval.vbench import prompt_from_filename
 from experiments.config import REPO_CONFIGS, ConfigError
+from experiments.export import read_checkpoint
 from experiments.tracking import client as mlflow_client
 from experiments.tracking import experiment_id
 
@@ -140,7 +141,7 @@ def evaluate_run(run_id: str, metrics: Sequence[str] | None = None, num_videos: 
 
     path = resolve_checkpoint(run_id)
     system = load_system(path)
-    step = int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
+    step = read_checkpoint(path)["global_step"]
     cfg = system.config
     node = dict((cfg.get("callbacks") or {}).get("evaluation") or default_node(cfg))
     if metrics:

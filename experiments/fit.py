@@ -16,6 +16,7 @@ from callbacks.samples import SampleVideos
 from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
 from experiments.checkpoint_io import AtomicCheckpointIO
 from experiments.config import Composed
+from experiments.export import export_safetensors
 from experiments.ranks import global_rank, publish_run_id, shared_run_id
 from experiments.tracking import git_state, log_config, make_logger, tracking_uri
 from modules.parallel import FSDP2Strategy
@@ -83,6 +84,11 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     # ModelCheckpoint writes last.ckpt on its step cadence only; the final state (steps after the last
     # multiple of every_n_steps, an autoencoder's latent statistics) is written here, on every rank
     trainer.save_checkpoint(last, weights_only=False)  # full state: optimizer, schedules, loops
+    if sharded:  # one file that loads into a one-process model (vidlab sample, vidlab eval --run)
+        trainer.strategy.barrier("vidlab-export")  # every rank's shards are on disk
+        if trainer.is_global_zero:
+            client.set_tag(run, "vidlab.checkpoint_sharded", str(last))
+            last = export_safetensors(last)
     if trainer.is_global_zero:
         client.set_tag(run, "vidlab.checkpoint", str(last))
         if cfg.get("task") == "autoencoder" and last.exists():

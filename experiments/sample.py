@@ -5,20 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from callbacks.samples import save_videos
 from experiments.build import build_system
 from experiments.config import Composed, ConfigError
+from experiments.export import read_checkpoint
 from experiments.tracking import client
 from modules.system import GeneratorSystem
 
 
 def resolve_checkpoint(run_or_path: str) -> Path:
-    """A checkpoint file as given, or the ``vidlab.checkpoint`` of an MLflow run id."""
+    """A checkpoint (``.ckpt`` file, sharded ``.ckpt/`` folder or ``.safetensors`` export) as given,
+    or the ``vidlab.checkpoint`` of an MLflow run id."""
     path = Path(run_or_path)
-    if path.suffix == ".ckpt" or path.exists():
-        if not path.is_file():
+    if path.suffix in (".ckpt", ".safetensors") or path.exists():
+        if not path.exists():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         return path
     try:
@@ -26,19 +27,18 @@ def resolve_checkpoint(run_or_path: str) -> Path:
     except Exception as exc:  # mlflow raises its own exception types for unknown ids
         raise ConfigError(f"{run_or_path!r} is neither a checkpoint file nor a run id in the store: {exc}") from exc
     tag = run.data.tags.get("vidlab.checkpoint")
-    if not tag or not Path(tag).is_file():
+    if not tag or not Path(tag).exists():
         raise FileNotFoundError(f"run {run_or_path} has no checkpoint on this machine (tag vidlab.checkpoint={tag!r})")
     return Path(tag)
 
 
 def load_system(path: Path) -> GeneratorSystem:
-    """Rebuild the generator from the config stored in the checkpoint and load its weights.
-
-    ``weights_only=True``: loading never executes pickled code.
-    """
-    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if "vidlab_config" not in ckpt:
-        raise ConfigError(f"{path}: not a vidlab checkpoint (no 'vidlab_config')")
+    """Rebuild the generator from the config stored in the checkpoint and load its weights (any form
+    `experiments.export.read_checkpoint` reads; never executes pickled code)."""
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     cfg = ckpt["vidlab_config"]
     system = build_system(Composed(cfg, {k: f"{path} (stored config)" for k in cfg}, cfg.get("presets", {})))
     system.load_state_dict(ckpt["state_dict"])

@@ -39,8 +39,12 @@ def _fit(out: Path, name: str, *overrides: str, torchrun: bool = False) -> list[
     runs = client.search_runs([client.get_experiment_by_name("vidlab").experiment_id],
                               filter_string=f"attributes.run_name = '{name}'")
     assert len(runs) == 1, f"expected one MLflow run named {name}, got {len(runs)} (a rank made its own?)"
+    RUNS[name] = runs[0]
     history = sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)
     return [m.value for m in history]
+
+
+RUNS: dict = {}  # run name -> the MLflow run of `_fit`
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +108,26 @@ def test_torchrun_launch_is_the_same_run_as_lightnings_launcher(curves):
     run, and the same per-step losses as the DDP run Lightning's launcher started."""
     _, ddp, _, torchrun = curves
     assert torchrun == pytest.approx(ddp, rel=1e-6)
+
+
+def test_fsdp_checkpoint_is_sharded_and_exports_to_one_safetensors_file(curves):
+    """The FSDP2 run leaves a torch.distributed.checkpoint folder (one shard file per rank) and a
+    safetensors export, which the run's vidlab.checkpoint names: it loads into a one-process model
+    with exactly the gathered weights, and samples."""
+    from experiments.export import is_sharded, read_checkpoint
+    from experiments.sample import load_system
+
+    tags = RUNS["fsdp"].data.tags
+    sharded, export = Path(tags["vidlab.checkpoint_sharded"]), Path(tags["vidlab.checkpoint"])
+    assert is_sharded(sharded) and len(list(sharded.glob("*.distcp"))) == 2
+    assert export.suffix == ".safetensors" and export.parent == sharded.parent
+    full = read_checkpoint(sharded)
+    assert full["global_step"] == STEPS
+    system = load_system(export)
+    state = system.state_dict()
+    assert set(full["state_dict"]) == set(state)
+    for key, value in full["state_dict"].items():
+        assert torch.equal(state[key], value), key
+    with torch.no_grad():
+        video = system.generate(["a red circle moving left on a black background"], [0], 4, 16, 16)
+    assert video.shape == (1, 3, 4, 16, 16) and torch.isfinite(video).all()
