@@ -259,13 +259,21 @@ class ClipSampler(Sampler):
 
     Lightning calls ``set_epoch`` before every epoch, so each epoch has its own order and its own
     random clip draws (see `VideoDataset.__getitem__`), the same on every run with the same seed.
+    `skip_once` (used by `callbacks.resume.ResumeState`) makes the next epoch's iteration start
+    after the clips a resumed run already trained on; under DDP, Lightning's distributed sampler
+    wrapper splits what this yields.
     """
 
     def __init__(self, indices: Sequence[int], seed: int = 0, shuffle: bool = True) -> None:
         self.indices, self.seed, self.shuffle, self.epoch = list(indices), seed, shuffle, 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_once(self, count: int) -> None:
+        """Leave out the first ``count`` items of the next iteration only."""
+        self._skip = count
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -274,7 +282,8 @@ class ClipSampler(Sampler):
         order = range(len(self.indices))
         if self.shuffle:
             order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return iter([(self.indices[int(i)], self.epoch) for i in order])
+        skip, self._skip = self._skip, 0
+        return iter([(self.indices[int(i)], self.epoch) for i in list(order)[skip:]])
 
 
 class VideoDataModule(L.LightningDataModule):

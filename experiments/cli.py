@@ -22,6 +22,7 @@ EPILOG = """examples:
   vidlab fit smoke                                  # configs/experiment/smoke.yaml
   vidlab fit shapes backbone=dit_tiny optim.lr=1e-3 # swap a preset, set a key
   vidlab fit --from-run RUN_ID trainer.max_steps=50 # re-run a logged config
+  vidlab fit --resume RUN_ID                        # continue a killed run from its last checkpoint
   vidlab sweep configs/ablation/demo.yaml
   vidlab fit vae_causal3d                           # train an autoencoder -> outputs/autoencoders/vae_causal3d/
   vidlab cache-latents smoke_cached                 # encode the data once; then: vidlab fit smoke_cached
@@ -49,19 +50,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from experiments.tracking import client, run_config, tracking_uri
 
     overrides = list(args.overrides)
-    if args.from_run:
+    source = args.from_run or args.resume
+    if args.from_run and args.resume:
+        raise ConfigError("vidlab fit: give --from-run (a new run) or --resume (the same run), not both")
+    if source:
         if args.experiment:
             overrides.insert(0, args.experiment)  # argparse took the first override as EXPERIMENT
         folder = Path(tempfile.mkdtemp(prefix="vidlab-from-run-"))
         experiment = folder / "config.yaml"
-        experiment.write_text(run_config(client(), args.from_run))
+        experiment.write_text(run_config(client(), source))
     elif args.experiment:
         experiment = args.experiment
     else:
         raise ConfigError("vidlab fit: give an EXPERIMENT (name or file) or --from-run RUN_ID")
     composed = compose(experiment, overrides)
     tags = {"vidlab.from_run": args.from_run} if args.from_run else {}
-    result = run_fit(composed, tags=tags)
+    if args.resume:
+        result = run_fit(composed, run_id=args.resume, resume=True)
+    else:
+        result = run_fit(composed, tags=tags)
     console.print(f"run {result.run_id}: final train/loss {result.final_loss}")
     console.print(f"checkpoint: {result.checkpoint}")
     for path in result.samples:
@@ -147,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("experiment", nargs="?", help="name under configs/experiment/ or a YAML file")
     fit.add_argument("overrides", nargs="*", help="group=preset or a.b=value")
     fit.add_argument("--from-run", metavar="RUN_ID", help="re-run the config.yaml logged by that run")
+    fit.add_argument("--resume", metavar="RUN_ID", help="continue that run from its last checkpoint, into the same "
+                     "MLflow run (overrides such as trainer.max_steps=... apply)")
     fit.set_defaults(func=cmd_fit)
 
     sweep = sub.add_parser("sweep", help="run an ablation grid (resumes: finished arms are skipped)")

@@ -12,10 +12,11 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from callbacks.resume import ResumeState
 from callbacks.samples import SampleVideos
 from experiments.build import build_callbacks, build_datamodule, build_system, trainer_kwargs
 from experiments.checkpoint_io import AtomicCheckpointIO
-from experiments.config import Composed
+from experiments.config import Composed, to_yaml
 from experiments.export import export_safetensors
 from experiments.ranks import global_rank, publish_run_id, shared_run_id
 from experiments.tracking import git_state, log_config, make_logger, tracking_uri
@@ -32,8 +33,13 @@ class FitResult:
     skipped_videos: int = 0
 
 
-def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] | None = None) -> FitResult:
+def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] | None = None,
+            resume: bool = False) -> FitResult:
     """Train ``composed`` into a new MLflow run (or ``run_id``, an existing one) and return a summary.
+
+    ``resume``: continue ``run_id`` from its ``checkpoints/<run_id>/last.ckpt`` (model, optimizer,
+    schedule, loops, every rank's RNG states and the position in the epoch: `callbacks.resume`),
+    logging into the same MLflow run.
 
     The run gets the flattened config as params, ``config.yaml``, the git commit, the presets as
     ``vidlab.preset.<group>`` tags and, at the end, ``vidlab.checkpoint`` (the last checkpoint).
@@ -52,7 +58,10 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
         # set here too: MLFlowLogger ignores its tags when it resumes an existing run (sweep children)
         for key, value in {**git_state(), **preset_tags, **(tags or {})}.items():
             client.set_tag(run, key, value)
-        log_config(client, run, cfg)
+        if resume:  # params are immutable in MLflow: the config of this attempt goes beside the first one
+            client.log_text(run, to_yaml(cfg), "config_resumed.yaml")
+        else:
+            log_config(client, run, cfg)
         publish_run_id(cfg["output_dir"], run)  # the other ranks log nothing but use its folders
     else:
         run = shared_run_id(cfg["output_dir"])
@@ -68,11 +77,16 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     kwargs = trainer_kwargs(composed)
     sharded = isinstance(kwargs.get("strategy"), FSDP2Strategy)  # torch.distributed.checkpoint writes the shards
     trainer = L.Trainer(
-        **kwargs, logger=logger, callbacks=[*callbacks, checkpoint], default_root_dir=cfg["output_dir"],
+        **kwargs, logger=logger, callbacks=[*callbacks, ResumeState(), checkpoint], default_root_dir=cfg["output_dir"],
         plugins=None if sharded else [AtomicCheckpointIO()],
     )
+    ckpt_path = None
+    if resume:
+        ckpt_path = ckpt_dir / "last.ckpt"
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"run {run} has no checkpoint to resume from: {ckpt_path} does not exist")
     try:
-        trainer.fit(system, datamodule=datamodule)
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     except NonFiniteLossError as exc:  # weights and checkpoints are as of the last finite step
         if trainer.is_global_zero:
             client.set_tag(run, "vidlab.stopped", str(exc)[:5000])
