@@ -98,6 +98,6 @@ class ResumeState(L.Callback):
             if sampler is None:
                 raise RuntimeError("resuming mid-epoch needs a train loader whose sampler has skip_once "
                                    "(datamodules.video.ClipSampler)")
-            sampler(done_in_epoch * loader.batch_size * trainer.world_size)
+            sampler(done_in_epoch * loader.batch_size)  # this rank's share (ClipSampler shards itself)
         set_rng_state(states[trainer.global_rank])
         self._loaded = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from numbers import Integral
@@ -24,8 +25,9 @@ import decord
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from datamodules.mp4 import decode_frames
 
@@ -254,36 +256,50 @@ def collate_videos(items: list[dict]) -> dict:
     return batch
 
 
-class ClipSampler(Sampler):
-    """Yields ``(index, epoch)`` over ``indices``, shuffled by ``seed + epoch`` when ``shuffle``.
+class ClipSampler(DistributedSampler):
+    """Yields ``(index, epoch)`` over ``indices``, shuffled by ``seed + epoch`` when ``shuffle``, and
+    under torch.distributed this rank's share: positions rank, rank + W, ... of that order (padded
+    with its first items to a multiple of W, as `DistributedSampler` does).
 
     Lightning calls ``set_epoch`` before every epoch, so each epoch has its own order and its own
     random clip draws (see `VideoDataset.__getitem__`), the same on every run with the same seed.
-    `skip_once` (used by `callbacks.resume.ResumeState`) makes the next epoch's iteration start
-    after the clips a resumed run already trained on; under DDP, Lightning's distributed sampler
-    wrapper splits what this yields.
+    It is a `DistributedSampler` so Lightning uses it as is instead of wrapping it, which lets
+    `skip_once` (used by `callbacks.resume.ResumeState`) start the next iteration after the clips a
+    resumed run already trained on, on every rank alike.
     """
 
     def __init__(self, indices: Sequence[int], seed: int = 0, shuffle: bool = True) -> None:
+        # DistributedSampler.__init__ is not called: rank and world size are read when iterating,
+        # after Lightning has set up the process group
         self.indices, self.seed, self.shuffle, self.epoch = list(indices), seed, shuffle, 0
         self._skip = 0
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def skip_once(self, count: int) -> None:
-        """Leave out the first ``count`` items of the next iteration only."""
+        """Leave out the first ``count`` items of this rank's next iteration only."""
         self._skip = count
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return math.ceil(len(self.indices) / self._rank_world()[1])
 
     def __iter__(self):
-        order = range(len(self.indices))
+        order = list(range(len(self.indices)))
         if self.shuffle:
-            order = torch.randperm(len(self.indices), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.indices), generator=generator).tolist()
+        rank, world = self._rank_world()
+        if world > 1:
+            order = (order + order[: len(self) * world - len(order)])[rank::world]
         skip, self._skip = self._skip, 0
-        return iter([(self.indices[int(i)], self.epoch) for i in list(order)[skip:]])
+        return iter([(self.indices[i], self.epoch) for i in order[skip:]])
 
 
 class VideoDataModule(L.LightningDataModule):

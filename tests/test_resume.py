@@ -1,5 +1,6 @@
 """Kill -9 a training run at a random step, resume it with ``vidlab fit --resume``: the loss of every
-step equals the uninterrupted run's bit for bit, and the metrics continue in the same MLflow run."""
+step equals the uninterrupted run's bit for bit, and the metrics continue in the same MLflow run; on
+one process and on two DDP processes (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -25,7 +27,7 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _env(out: Path) -> dict[str, str]:
-    env = {**os.environ, "VIDLAB_OUTPUT_DIR": str(out)}
+    env = {**os.environ, "VIDLAB_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -45,21 +47,26 @@ def _losses(out: Path, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in history}
 
 
-def test_kill_9_then_resume_repeats_the_uninterrupted_losses_exactly(tmp_path):
+DDP = ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"]  # the same global batch
+
+
+@pytest.mark.parametrize("extra", [[], DDP], ids=["one_process", "ddp_2_processes"])
+def test_kill_9_then_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, extra):
     out = tmp_path / "outputs"
-    done = subprocess.run(_cmd("fit", "smoke", "name=whole", *ARGS), env=_env(out), cwd=REPO, capture_output=True,
+    args = [*ARGS, *extra]
+    done = subprocess.run(_cmd("fit", "smoke", "name=whole", *args), env=_env(out), cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     whole = _losses(out, _run(out, "whole").info.run_id)
     assert sorted(whole) == list(range(1, STEPS + 1)) or len(whole) == STEPS
 
     kill_after = random.Random(os.getpid()).randint(3, 9)  # a different step on different runs
-    proc = subprocess.Popen(_cmd("fit", "smoke", "name=killed", *ARGS), env=_env(out), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd("fit", "smoke", "name=killed", *args), env=_env(out), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if list(out.glob(f"checkpoints/*/step{kill_after:06d}.ckpt")):
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # every rank of the job at once
             break
         time.sleep(0.02)
     proc.wait()
