@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -252,8 +253,10 @@ def generate_shapes(root: str | Path, num_videos: int, num_frames: int, height: 
 
     Writes ``00000.mp4 …`` (``uint8 (num_frames, height, width, 3)`` each), ``captions.jsonl``
     (``{"video", "caption", "objects", "background"}`` per line) and finally a ``DONE`` marker
-    holding the fingerprint JSON. A folder whose marker matches is returned untouched; a folder
-    without one (an interrupted run) is wiped and regenerated. Clip ``i`` is drawn from
+    holding the fingerprint JSON. A folder whose marker matches is returned untouched; otherwise
+    the set is rendered into a temporary folder of this process and renamed into place (a folder
+    without a marker, from an interrupted run, is replaced), so ranks that render at once do not
+    collide. Clip ``i`` is drawn from
     ``np.random.default_rng([seed, i])``, so output is deterministic in the arguments.
 
     Returns:
@@ -265,20 +268,29 @@ def generate_shapes(root: str | Path, num_videos: int, num_frames: int, height: 
     marker = folder / "DONE"
     if marker.is_file() and marker.read_text() == marker_text:
         return folder
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-
+    # render into a folder of this process's own, then rename it into place: processes that render
+    # the same set at once (the ranks of a job) never write into each other's files
+    work = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     lines = []
     for i in track(range(num_videos), description=f"rendering {folder.name}", disable=not progress):
         attrs = sample_attributes(np.random.default_rng([seed, i]), two_object_prob)
         name = f"{i:05d}.mp4"
-        write_mp4(folder / name, render_clip(attrs, num_frames, height, width), fps=fps)
+        write_mp4(work / name, render_clip(attrs, num_frames, height, width), fps=fps)
         lines.append(json.dumps({"video": name, "caption": caption(attrs), **attrs}))
-    tmp = folder / "captions.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(folder / "captions.jsonl")
-    marker.write_text(marker_text)
+    (work / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    (work / "DONE").write_text(marker_text)
+    if marker.is_file() and marker.read_text() == marker_text:  # another process finished first
+        shutil.rmtree(work)
+        return folder
+    if folder.exists():  # an interrupted or stale render
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        os.rename(work, folder)
+    except OSError:  # another process renamed its copy into place in between: the same content
+        shutil.rmtree(work, ignore_errors=True)
     return folder
 
 

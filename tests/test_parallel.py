@@ -131,3 +131,31 @@ def test_fsdp_checkpoint_is_sharded_and_exports_to_one_safetensors_file(curves):
     with torch.no_grad():
         video = system.generate(["a red circle moving left on a black background"], [0], 4, 16, 16)
     assert video.shape == (1, 3, 4, 16, 16) and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_evaluation_callback_shards_unequal_work_across_ranks(tmp_path, strategy):
+    """5 videos on 2 ranks (3 and 2): every rank generates its share (padded to equal sampler calls,
+    which FSDP2's collective forwards need), the features are gathered, rank 0 logs the scores of
+    all 5 and nothing hangs."""
+    import json
+
+    out = tmp_path / "outputs"
+    overrides = ["text=tiny", "backbone=dit_tiny", "data.num_videos=32", "data.batch_size=2", "sampler.steps=2",
+                 "trainer.devices=2", f"trainer.strategy={strategy}", "callbacks.samples=null",
+                 "callbacks.timestep_loss=null", "callbacks.evaluation.num_videos=5", "callbacks.evaluation.batch_size=2",
+                 "callbacks.evaluation.num_reference=16", "callbacks.evaluation.reference.num_videos=16",
+                 "callbacks.evaluation.probe.steps=20"]
+    env = {**os.environ, "VIDLAB_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "experiments.cli", "fit", "shapes", "name=evaluated", "trainer.max_steps=2", *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("vidlab").experiment_id])[0]
+    assert {"eval/probe_acc_joint", "eval/fvd_probe"} <= set(run.data.metrics)
+    protocol = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/protocol.json")).read_text())
+    assert protocol["num_generated"] == 5
+    folder = out / "eval" / run.info.run_id / "step_000002"
+    assert sorted(int(p.stem.rpartition("-")[2]) for p in folder.glob("*.mp4")) == [0, 1, 2, 3, 4]  # both ranks wrote
