@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.digest import file_digest, json_digest, module_digest
-from datamodules.video import ClipSampler, collate_videos
+from datamodules.video import ClipSampler, collate_videos, loader_generator
 
 log = logging.getLogger("vidlab.data")
 
@@ -387,6 +387,7 @@ class LatentCacheDataModule(L.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
                           sampler=ClipSampler(range(len(self.dataset)), seed, self.shuffle),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          generator=loader_generator(seed),
                           collate_fn=partial(collate_latents, null_text=self.null_text,
                                              null_text_mask=self.null_text_mask))
 

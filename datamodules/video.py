@@ -256,6 +256,13 @@ def collate_videos(items: list[dict]) -> dict:
     return batch
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: each new iterator (every epoch) draws its worker base seed from
+    it instead of from torch's global generator, whose draws (diffusion times, noise, caption
+    dropout) then depend on training steps only, which is what exact resume restores."""
+    return torch.Generator().manual_seed(seed)
+
+
 class ClipSampler(DistributedSampler):
     """Yields ``(index, epoch)`` over ``indices``, shuffled by ``seed + epoch`` when ``shuffle``, and
     under torch.distributed this rank's share: positions rank, rank + W, ... of that order (padded
@@ -350,7 +357,7 @@ class VideoDataModule(L.LightningDataModule):
         return DataLoader(self.dataset, batch_size=self.batch_size, drop_last=True,
                           sampler=ClipSampler(self.train_dataset.indices, self.seed),
                           num_workers=self.num_workers, collate_fn=collate_videos,
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=loader_generator(self.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out clips in order, or ``[]`` (no validation) when ``val_fraction == 0``."""
