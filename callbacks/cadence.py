@@ -1,8 +1,10 @@
 """The cadence every evaluation callback shares: run every N training steps and once at train end,
-never twice at the same global step (the last step is often both)."""
+never twice at the same global step (the last step is often both), with the EMA weights when the
+module keeps an average."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -24,7 +26,9 @@ class EveryNSteps(L.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        self.run(trainer, module)
+        # a generator with ``ema.enabled`` is evaluated with its averaged weights (modules/ema.py)
+        with getattr(module, "averaged_weights", nullcontext)():
+            self.run(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -47,8 +47,8 @@ def save_videos(videos: Tensor, prompts: list[str], seeds: list[int], folder: Pa
 class SampleVideos(EveryNSteps):
     """Generate every (prompt, seed) pair with the model being trained and log the mp4 files.
 
-    Runs on global rank 0 only; the generation touches the raw backbone, not the DDP wrapper, so the
-    other ranks are not waited on.
+    Every rank generates (a sharded model needs all of them in each forward); global rank 0 writes
+    and logs. The generation calls the raw backbone, not the DDP wrapper, so no gradient sync runs.
     """
 
     def __init__(self, every_n_steps: int = 100, prompts: list[str] | None = None, seeds: list[int] | None = None,
@@ -64,13 +64,15 @@ class SampleVideos(EveryNSteps):
         self.paths: list[Path] = []  # the files of the latest round
 
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """Generate, write and log the videos (global rank 0 only)."""
+        """Generate on every rank (FSDP2 gathers each block's weights from all ranks in every forward;
+        under DDP the other ranks would only wait for rank 0 at the next gradient all-reduce), then
+        write and log the videos on global rank 0."""
         step = trainer.global_step
-        if not trainer.is_global_zero:
-            return
         pairs = [(p, s) for p in self.prompts for s in self.seeds]
         prompts, seeds = [p for p, _ in pairs], [s for _, s in pairs]
         videos = module.generate(prompts, seeds, self.num_frames, self.height, self.width, self.cfg_scale)
+        if not trainer.is_global_zero:
+            return
         run = getattr(trainer.logger, "run_id", None) or "no-logger"
         folder = Path(module.config.get("output_dir", "outputs")) / "samples" / run / f"step_{step:06d}"
         self.paths = save_videos(videos, prompts, seeds, folder, self.fps, self.display_scale)

@@ -105,3 +105,24 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     """
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     return decode_frames(reader, list(range(len(reader))))
+
+
+def describe_container(path: str | os.PathLike) -> str:
+    """What FFmpeg (through PyAV) finds in a file, for the message about a video decord rejected:
+    ``"no video stream: audio aac in a mov,mp4,m4a,3gp,3g2,mj2 container"``, ``"video av1 in a
+    matroska,webm container"``, or why FFmpeg cannot open it either (random bytes, a cut header)."""
+    try:
+        with av.open(str(path)) as container:
+            streams = [f"{s.type} {_codec_name(s)}" for s in container.streams]
+            where = f"in a {container.format.name} container"
+    except Exception as exc:  # av.FFmpegError subclasses; anything else is as unreadable
+        return f"not a container FFmpeg can open ({getattr(exc, 'strerror', None) or type(exc).__name__})"
+    if not any(s.startswith("video ") for s in streams):
+        return f"no video stream: {', '.join(streams) or 'no streams'} {where}"
+    return f"{', '.join(streams)} {where}"
+
+
+def _codec_name(stream: av.stream.Stream) -> str:
+    """The codec's own name (``av1``), not its decoder's (``libdav1d``); ``?`` for a data stream."""
+    codec = getattr(stream.codec_context, "codec", None)
+    return codec.canonical_name if codec is not None else "?"

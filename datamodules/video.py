@@ -5,9 +5,12 @@ Items are ``{"video": float32 (C, T, H, W) in [-1, 1], "caption": str, "path": s
 Lightning with a seeded shuffle and an optional held-out split.
 
 Bad files never stop training: at construction every listed video's header is opened and
-missing, empty, unreadable or too-short files are dropped; a file that opens but fails to
-decode later is replaced by the next valid item. Each skipped file is recorded in
-``dataset.skipped`` (path → reason) and logged once on the ``vidlab.data`` logger.
+missing, empty, unreadable (with what FFmpeg finds in it: no video stream, a codec decord cannot
+decode) or too-short files are dropped; a file that opens but fails to decode later is replaced by
+the next valid item. Each skipped file is recorded in ``dataset.skipped`` (path → reason) and logged
+once on the ``vidlab.data`` logger. Captions: a malformed line or a missing column is an error naming
+the file and line; an empty caption is kept (it is the null condition) and video files under the
+root that no row names are left out (``dataset.unlisted``), each reported in one warning.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
@@ -29,12 +33,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from datamodules.mp4 import decode_frames
+from datamodules.mp4 import decode_frames, describe_container
 
 log = logging.getLogger("vidlab.data")
 
 _VIDEO_KEYS = ("video", "path")
 _CAPTION_KEYS = ("caption", "text")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")  # files `unlisted` looks for
 
 
 def _pick(record: dict, keys: tuple[str, ...], where: str) -> str:
@@ -52,9 +57,14 @@ def read_captions(file: str | os.PathLike) -> list[tuple[str, str]]:
     video. Either uses the key ``video`` or ``path`` and ``caption`` or ``text``.
 
     Raises:
+        FileNotFoundError: no such file (names it and the caption files its folder does have).
         ValueError: unknown extension, or a malformed line / missing key (names file and line).
     """
     file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"captions file {file} not found ({_caption_files_hint(file.parent)}); it lists "
+                                "each video and its caption: .jsonl lines {\"video\": ..., \"caption\": ...} "
+                                "or .csv columns video,caption")
     records: list[tuple[str, str]] = []
     if file.suffix == ".jsonl":
         for lineno, line in enumerate(file.read_text().splitlines(), start=1):
@@ -85,6 +95,13 @@ def read_captions(file: str | os.PathLike) -> list[tuple[str, str]]:
     return records
 
 
+def _caption_files_hint(folder: Path) -> str:
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".jsonl", ".csv"))
+    return f"that folder has {', '.join(found)}" if found else "that folder has no .jsonl or .csv file"
+
+
 def _int_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """An int ``v`` → ``(v, v)``; a two-element sequence → its two ints."""
     if isinstance(value, Integral):
@@ -110,6 +127,13 @@ def _target_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
     return h, w
 
 
+def _check_clip(num_frames: int, crop: str) -> None:
+    if not isinstance(num_frames, Integral) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+
+
 class VideoDataset(Dataset):
     """Clips of ``num_frames`` frames from a folder of videos listed in a captions file.
 
@@ -130,10 +154,7 @@ class VideoDataset(Dataset):
     def __init__(self, root: str | os.PathLike, captions: str = "captions.jsonl",
                  num_frames: int = 8, frame_stride: int | tuple[int, int] | list[int] = 1,
                  size: int | list[int] | None = None, crop: str = "center", seed: int = 0) -> None:
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        _check_clip(num_frames, crop)
         self.root = Path(root)
         self.num_frames = num_frames
         self.stride_range = _stride_range(frame_stride)
@@ -147,8 +168,20 @@ class VideoDataset(Dataset):
         self.lengths: list[int] = []
         self._bad: set[int] = set()  # valid at construction, failed to decode later
 
+        captions_file = self.root / captions
+        records = read_captions(captions_file)
+        if not records:
+            raise ValueError(f"{captions_file} lists no video")
+        self.unlisted = _unlisted_videos(self.root, {os.path.normpath(self.root / v) for v, _ in records})
+        if self.unlisted:
+            log.warning("%d video file(s) under %s have no row in %s and are not used: %s", len(self.unlisted),
+                        self.root, captions_file, _some(self.unlisted))
+        empty = [video for video, text in records if not text.strip()]
+        if empty:
+            log.warning("%s: %d of %d captions are empty; those videos train as the null condition \"\": %s",
+                        captions_file, len(empty), len(records), _some(empty))
         min_span = (num_frames - 1) * self.stride_range[0] + 1
-        for video, text in read_captions(self.root / captions):
+        for video, text in records:
             path = str(self.root / video)
             length, reason = self._probe(path)
             if reason is None and length < min_span:
@@ -160,7 +193,9 @@ class VideoDataset(Dataset):
             self.captions.append(text)
             self.lengths.append(length)
         if not self.paths:
-            raise ValueError(f"no valid video in {self.root} ({len(self.skipped)} skipped)")
+            reasons = _some([f"{Path(p).name}: {why}" for p, why in self.skipped.items()], sep="; ")
+            raise ValueError(f"no valid video in {self.root}: all {len(self.skipped)} listed in {captions_file} "
+                             f"were skipped ({reasons})")
 
     @staticmethod
     def _probe(path: str) -> tuple[int, str | None]:
@@ -172,7 +207,7 @@ class VideoDataset(Dataset):
         try:
             return len(decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)), None
         except Exception as exc:  # decord raises RuntimeError or its own DECORDError
-            return 0, f"unreadable: {_first_line(exc)}"
+            return 0, f"unreadable: {describe_container(path)}; decord: {_decord_message(exc)}"
 
     def _skip(self, path: str, reason: str) -> None:
         if path not in self.skipped:
@@ -245,6 +280,30 @@ class VideoDataset(Dataset):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _decord_message(exc: BaseException) -> str:
+    """decord's first line without its ``[hh:mm:ss] src/file.cc:NN: Check failed: ...`` preamble."""
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", _first_line(exc).partition(": ")[2])
+    return text.rpartition("ERROR ")[2].strip()[:200] or type(exc).__name__
+
+
+def _some(items: list[str], n: int = 3, sep: str = ", ") -> str:
+    """The first ``n`` items for a log line, then how many more."""
+    more = f"{sep}... ({len(items) - n} more)" if len(items) > n else ""
+    return sep.join(items[:n]) + more
+
+
+def _unlisted_videos(root: Path, listed: set[str]) -> list[str]:
+    """Video files under ``root`` (hidden ones aside) that the captions file does not name. The walk
+    costs far less than the header probe every listed video gets."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(folder, f), root) for f in sorted(files)
+                  if f.lower().endswith(VIDEO_SUFFIXES) and not f.startswith(".")
+                  and os.path.normpath(os.path.join(folder, f)) not in listed]
+    return found
 
 
 def collate_videos(items: list[dict]) -> dict:
@@ -326,6 +385,14 @@ class VideoDataModule(L.LightningDataModule):
                  crop: str = "center", seed: int = 0, batch_size: int = 4, num_workers: int = 0,
                  val_fraction: float = 0.0) -> None:
         super().__init__()
+        # checked here, at build time, so a bad value stops before a run is created
+        _check_clip(num_frames, crop)
+        _stride_range(frame_stride)
+        _target_size(size)
+        if not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(num_workers, Integral) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.root, self.captions = root, captions

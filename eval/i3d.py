@@ -191,7 +191,8 @@ def locate_weights(filename: str, sha1: str, url: str | None, path: str | os.Pat
     if not target.is_file():
         raise FileNotFoundError(
             f"{filename} not found at {target}. Put {filename} (git blob SHA-1 {want or sha1}) there, "
-            f"pass its path, or set VIDLAB_WEIGHTS_DIR to its folder (default folder: ~/.cache/vidlab)."
+            f"pass its path (vidlab eval --detector-path, callbacks.evaluation.detector_path), "
+            f"or set VIDLAB_WEIGHTS_DIR to its folder (default folder: ~/.cache/vidlab)."
             + reason)
     if want is not None:
         actual = git_blob_sha1(target)
@@ -209,7 +210,14 @@ def load_i3d(path: str | os.PathLike | None = None, expected_sha1: str | None = 
     Loaded with ``weights_only=True`` (no pickled code runs).
     """
     path = locate_weights(I3D_FILENAME, I3D_SHA1, I3D_URL, path, expected_sha1, allow_download)
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # only reachable with expected_sha1=None: a truncated or foreign file
+        why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"I3D weights {path} cannot be read as a state dict ({why}); "
+                         f"expected {I3D_FILENAME} (git blob SHA-1 {I3D_SHA1})") from exc
+    if not isinstance(state, dict) or "logits.conv3d.weight" not in state:
+        raise ValueError(f"I3D weights {path}: not an {I3D_FILENAME} state dict (no 'logits.conv3d.weight')")
     model = InceptionI3d(num_classes=state["logits.conv3d.weight"].shape[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 
 from experiments.config import Composed, ConfigError, nearest
+from modules.ema import EMAConfig
 from modules.parallel import FSDP2Strategy, ParallelConfig
 from modules.system import AutoencoderLossConfig, AutoencoderSystem, GeneratorSystem, GuidanceConfig, OptimConfig
 
@@ -123,14 +124,28 @@ def build_generator_system(composed: Composed) -> GeneratorSystem:
     check_kwargs(GuidanceConfig, list(cfg["guidance"]), _where(composed, "guidance"))
     try:
         optim = OptimConfig(**cfg["optim"])
-    except ValueError as exc:  # optim.nonfinite not stop | skip
+    except ValueError as exc:  # e.g. optim.nonfinite not stop | skip, optim.lr <= 0
         raise ConfigError(f"{_where(composed, 'optim')}: {exc}") from exc
+    try:
+        guidance = GuidanceConfig(**cfg["guidance"])
+    except ValueError as exc:  # e.g. guidance.cfg_scales not a list of numbers
+        raise ConfigError(f"{_where(composed, 'guidance')}: {exc}") from exc
     return GeneratorSystem(
         backbone=parts.backbone, vae=parts.vae, text_encoder=parts.text,
         objective=parts.objective, sampler=parts.sampler,
-        optim=optim, guidance=GuidanceConfig(**cfg["guidance"]), config=cfg,
-        parallel=parallel_config(composed),
+        optim=optim, guidance=guidance, config=cfg,
+        parallel=parallel_config(composed), ema=ema_config(composed),
     )
+
+
+def ema_config(composed: Composed) -> EMAConfig:
+    """The ``ema`` section (modules/ema.py), checked."""
+    node = composed.cfg.get("ema") or {}
+    check_kwargs(EMAConfig, list(node), _where(composed, "ema"))
+    try:
+        return EMAConfig(**node)
+    except ValueError as exc:
+        raise ConfigError(f"{_where(composed, 'ema')}: {exc}") from exc
 
 
 def parallel_config(composed: Composed) -> ParallelConfig:

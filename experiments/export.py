@@ -24,20 +24,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from modules.parallel import plain_name
+
 META_FILE = "meta.pt"  # Lightning's ModelParallelStrategy: the non-tensor part of a sharded checkpoint
-WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")  # torch.compile / checkpoint_wrapper
 
 
 def is_sharded(path: str | os.PathLike) -> bool:
     """A torch.distributed.checkpoint folder (has ``.metadata``)."""
     return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
-
-
-def plain_key(key: str) -> str:
-    """A parameter name without the wrapper prefixes per-block compile or checkpointing add."""
-    for prefix in WRAPPER_PREFIXES:
-        key = key.replace(prefix, "")
-    return key
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -71,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: a folder that is not a sharded checkpoint (no .metadata)")
     if "vidlab_config" not in ckpt:
         raise ValueError(f"{path}: not a vidlab checkpoint (no 'vidlab_config')")
-    state = {plain_key(k): v for k, v in ckpt["state_dict"].items()}
+    state = {plain_name(k): v for k, v in ckpt["state_dict"].items()}
     return {"state_dict": state, "vidlab_config": ckpt["vidlab_config"], "global_step": int(ckpt.get("global_step", 0))}
 
 

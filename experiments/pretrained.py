@@ -17,8 +17,8 @@ from torch import nn
 
 def pretrained_autoencoder(checkpoint: str, trainable: bool = False) -> nn.Module:
     """The ``vae`` of a vidlab autoencoder checkpoint (a Lightning ``.ckpt``), frozen in eval mode
-    unless ``trainable``. Raises FileNotFoundError naming the path, ValueError when the file is not an
-    autoencoder checkpoint of vidlab."""
+    unless ``trainable``. Raises FileNotFoundError naming the path, ValueError when the file cannot be
+    read or is not an autoencoder checkpoint of vidlab."""
     from experiments.build import instantiate  # build imports this module's callers
 
     path = Path(checkpoint).expanduser()
@@ -28,8 +28,13 @@ def pretrained_autoencoder(checkpoint: str, trainable: bool = False) -> nn.Modul
             f"autoencoder checkpoint {path} does not exist; train one with `vidlab fit {experiment}` "
             "(it is written to <output_dir>/autoencoders/<experiment name>/last.ckpt) or set vae.checkpoint=PATH"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    config = ckpt.get("vidlab_config") or {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, a pickle that is not plain tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"autoencoder checkpoint {path} cannot be read ({first}); is it a complete "
+                         "last.ckpt written by `vidlab fit`?") from exc
+    config = (ckpt.get("vidlab_config") if isinstance(ckpt, dict) else None) or {}
     if config.get("task") != "autoencoder" or not isinstance(config.get("vae"), dict):
         raise ValueError(f"{path}: not a vidlab autoencoder checkpoint (its vidlab_config has task "
                          f"{config.get('task')!r}; expected 'autoencoder' with a 'vae' node)")

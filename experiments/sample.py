@@ -31,9 +31,10 @@ def resolve_checkpoint(run_or_path: str) -> Path:
     return Path(tag)
 
 
-def load_system(path: Path) -> GeneratorSystem:
+def load_system(path: Path, averaged: bool = True) -> GeneratorSystem:
     """Rebuild the generator from the config stored in the checkpoint and load its weights (any form
-    `experiments.export.read_checkpoint` reads; never executes pickled code)."""
+    `experiments.export.read_checkpoint` reads; never executes pickled code). A run trained with
+    ``ema.enabled`` gets its averaged weights unless ``averaged`` is False."""
     try:
         ckpt = read_checkpoint(path)
     except ValueError as exc:
@@ -41,6 +42,8 @@ def load_system(path: Path) -> GeneratorSystem:
     cfg = ckpt["vidlab_config"]
     system = build_system(Composed(cfg, {k: f"{path} (stored config)" for k in cfg}, cfg.get("presets", {})))
     system.load_state_dict(ckpt["state_dict"])
+    if averaged and system.ema is not None:
+        system.ema.copy_to(system)
     return system.eval()
 
 

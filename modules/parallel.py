@@ -21,7 +21,9 @@ matmuls are much slower than fp32 on the CPUs here, REFERENCE.md).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,17 @@ except ImportError:  # pragma: no cover - older torch
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")  # torch.compile / checkpoint_wrapper
+
+
+def plain_name(name: str) -> str:
+    """A parameter name without the prefixes that per-block compile or checkpointing insert: the
+    name the same weight has with any ``parallel:`` settings (checkpoints, exports, EMA)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
 @dataclass
@@ -67,6 +80,38 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Lightning's sharded save, made safe against a kill mid-write: every rank writes its shard
+        into ``<name>.partial/``; once all have (barrier), rank 0 moves the previous folder to
+        ``<name>.old/``, the new one into place, and deletes the old. A kill at any point leaves a
+        complete checkpoint under ``<name>`` or, between the two renames, ``<name>.old``
+        (`recover_sharded_checkpoint` puts it back)."""
+        path = Path(self.broadcast(str(filepath)))
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial)  # left by a run killed mid-write
+        self.barrier("vidlab_ckpt_clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("vidlab_ckpt_written")
+        if self.global_rank == 0:
+            recover_sharded_checkpoint(path)
+            if path.exists():
+                path.rename(old)
+            partial.rename(path)
+            if old.exists():
+                shutil.rmtree(old)
+        self.barrier("vidlab_ckpt_moved")
+
+
+def recover_sharded_checkpoint(path: str | Path) -> None:
+    """Put back ``<path>.old`` if a kill came between `FSDP2Strategy.save_checkpoint`'s two renames."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.exists():
+        old.rename(path)
 
 
 def mixed_precision_policy(config: ParallelConfig, device: torch.device) -> MixedPrecisionPolicy | None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from modules.conditioning import Conditioning
+from modules.ema import EMAConfig, ExponentialMovingAverage
 from modules.parallel import ParallelConfig, parallelize, unsharded_trainable
 from modules.samplers.guidance import Scale, classifier_free_guidance, expert_cfg_scale
 from modules.samplers.rollout import frame_rollout
@@ -64,6 +66,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_CHOICES:
             raise ValueError(f"optim.nonfinite must be one of {' | '.join(NONFINITE_CHOICES)}, got {self.nonfinite!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(f"optim.weight_decay and optim.warmup_steps must be >= 0, got {self.weight_decay!r} "
+                             f"and {self.warmup_steps!r}")
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
 
 
 def all_finite(tensors: list[Tensor]) -> Tensor:
@@ -96,6 +106,11 @@ class GuidanceConfig:
     cfg_interval: list[float] | None = None
 
     def __post_init__(self) -> None:
+        for key in ("cfg_scales", "cfg_boundaries", "cfg_interval"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (list, tuple))
+                                          and all(isinstance(v, (int, float)) for v in value)):
+                raise ValueError(f"guidance.{key} must be a list of numbers or null, got {value!r}")
         if self.cfg_scales is not None:
             self.scale()  # raises ValueError when the scales and boundaries do not fit
         self.interval()  # raises ValueError on a malformed interval
@@ -134,6 +149,7 @@ class GeneratorSystem(L.LightningModule):
         guidance: GuidanceConfig | None = None,
         config: dict[str, Any] | None = None,
         parallel: ParallelConfig | None = None,
+        ema: EMAConfig | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -153,6 +169,11 @@ class GeneratorSystem(L.LightningModule):
         self._loss_nonfinite: Tensor | None = None  # since the last optimizer step, this rank (no sync)
         self._last_loss: Tensor | None = None
         self._last_batch = 0
+        self.ema: ExponentialMovingAverage | None = None
+        if ema is not None and ema.enabled:  # of the backbone and a trainable text encoder
+            self.ema = ExponentialMovingAverage(self, ema, skip=("vae.",))
+            # every rank computes the same average: DDP must not broadcast it before each forward
+            self._ddp_params_and_buffers_to_ignore = [f"ema.{name}" for name, _ in self.ema.named_buffers()]
 
     def configure_model(self) -> None:
         """Apply `modules.parallel.parallelize` once: activation checkpointing / compile per block, and
@@ -167,6 +188,8 @@ class GeneratorSystem(L.LightningModule):
             left = [n for n in unsharded_trainable(self) if not n.startswith("vae.")]
             if left:
                 raise RuntimeError(f"FSDP2: trainable parameters outside every sharded unit: {left[:5]}")
+            if self.ema is not None:  # each rank keeps the average of its own shards only
+                self.ema.match_placement(self)
         self._parallelized = True
 
     def on_fit_start(self) -> None:
@@ -276,6 +299,22 @@ class GeneratorSystem(L.LightningModule):
         names = [n for n, p in self.named_parameters() if p.grad is not None and not all_finite([p.grad])]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         return f"gradients are NaN/Inf{ranks(ranks_grad)} ({shown or 'other ranks'}) with a finite train/loss {loss:.6g}"
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then the EMA update (before any callback of this step runs, so samples
+        and evaluation at step N see the average including step N)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and (self.trainer.global_step + 1) % self.ema.config.every_n_steps == 0:
+            self.ema.update(self)
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside the block the module holds the EMA weights (if ``ema.enabled``), its own after."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.swapped(self):
+            yield
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

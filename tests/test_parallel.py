@@ -20,8 +20,12 @@ from modules.parallel import ParallelConfig, parallelize
 
 STEPS = 16
 COMMON = ["data.num_videos=32", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
-          "callbacks.samples=null", "callbacks.timestep_loss=null", "callbacks.model_card=null",
-          "checkpoint.every_n_steps=1000", "optim.lr=1e-3"]
+          "callbacks.timestep_loss=null", "callbacks.model_card=null", "checkpoint.every_n_steps=1000",
+          "optim.lr=1e-3", "ema.enabled=true", "ema.decay=0.9"]
+NO_SAMPLES = "callbacks.samples=null"
+# the two-rank runs sample with the EMA weights every 5 steps: if a swap were not undone on every
+# rank, DDP and FSDP2 would stop agreeing after step 5
+SAMPLES = ["callbacks.samples.every_n_steps=5", "callbacks.samples.prompts=[a red circle moving left on a black background]"]
 
 
 def _fit(out: Path, name: str, *overrides: str, torchrun: bool = False) -> list[float]:
@@ -50,10 +54,11 @@ RUNS: dict = {}  # run name -> the MLflow run of `_fit`
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel") / "outputs"
-    single = _fit(out, "single", "data.batch_size=4")
-    ddp = _fit(out, "ddp", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp")
-    fsdp = _fit(out, "fsdp", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=fsdp")
-    torchrun = _fit(out, "torchrun", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp", torchrun=True)
+    single = _fit(out, "single", "data.batch_size=4", NO_SAMPLES)
+    ddp = _fit(out, "ddp", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp", *SAMPLES)
+    fsdp = _fit(out, "fsdp", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=fsdp", *SAMPLES)
+    torchrun = _fit(out, "torchrun", "data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp", NO_SAMPLES,
+                    torchrun=True)
     return single, ddp, fsdp, torchrun
 
 
@@ -123,7 +128,7 @@ def test_fsdp_checkpoint_is_sharded_and_exports_to_one_safetensors_file(curves):
     assert export.suffix == ".safetensors" and export.parent == sharded.parent
     full = read_checkpoint(sharded)
     assert full["global_step"] == STEPS
-    system = load_system(export)
+    system = load_system(export, averaged=False)
     state = system.state_dict()
     assert set(full["state_dict"]) == set(state)
     for key, value in full["state_dict"].items():
@@ -159,3 +164,52 @@ def test_evaluation_callback_shards_unequal_work_across_ranks(tmp_path, strategy
     assert protocol["num_generated"] == 5
     folder = out / "eval" / run.info.run_id / "step_000002"
     assert sorted(int(p.stem.rpartition("-")[2]) for p in folder.glob("*.mp4")) == [0, 1, 2, 3, 4]  # both ranks wrote
+
+
+def test_ema_under_fsdp2_stays_sharded_and_equals_the_ddp_average(curves, tmp_path):
+    """Each rank stored only its half of every EMA tensor (two chunks per tensor in the sharded
+    checkpoint's metadata, written by two ranks): nothing was gathered. Gathered afterwards, the
+    FSDP2 averages equal DDP's (same updates up to summation order). The last sample of the FSDP2
+    run was drawn with those averaged weights: a one-process model given the export's averages
+    draws the same video, and with its raw weights a different one."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from callbacks.samples import save_videos
+    from experiments.export import read_checkpoint
+    from experiments.sample import load_system
+    import decord
+
+    tags = RUNS["fsdp"].data.tags
+    metadata = FileSystemReader(tags["vidlab.checkpoint_sharded"]).read_metadata().state_dict_metadata
+    ema_keys = [k for k in metadata if ".ema." in k and not k.endswith("num_updates")]
+    assert ema_keys
+    for key in ema_keys:
+        chunks = metadata[key].chunks
+        if metadata[key].size[0] >= 2:
+            assert len(chunks) == 2 and sum(c.sizes[0] for c in chunks) == metadata[key].size[0], key
+    fsdp = read_checkpoint(tags["vidlab.checkpoint_sharded"])["state_dict"]
+    ddp = read_checkpoint(RUNS["ddp"].data.tags["vidlab.checkpoint"])["state_dict"]
+    averages = [k for k in ddp if k.startswith("ema.") and k != "ema.num_updates"]
+    assert sorted(averages) == sorted(k for k in fsdp if k.startswith("ema.") and k != "ema.num_updates")
+    assert int(fsdp["ema.num_updates"]) == int(ddp["ema.num_updates"]) == STEPS
+    # AdamW moves each weight by at most lr = 1e-3 per step: 5e-5 is 5 % of one step's update
+    for key in averages:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=5e-5, msg=key)
+    total = sum(float((fsdp[k] - ddp[k]).square().sum()) for k in averages) ** 0.5
+    assert total <= 1e-4 * sum(float(ddp[k].square().sum()) for k in averages) ** 0.5
+
+    prompt = "a red circle moving left on a black background"
+    run_id = RUNS["fsdp"].info.run_id
+    logged = Path(tags["vidlab.checkpoint"]).parents[2] / "samples" / run_id / f"step_{STEPS:06d}" / f"{prompt}-0.mp4"
+
+    def frames(path: Path) -> torch.Tensor:
+        reader = decord.VideoReader(str(path))
+        return torch.from_numpy(reader.get_batch(list(range(len(reader)))).asnumpy()).float()  # (T, H, W, 3)
+
+    errors = {}
+    for averaged in (True, False):  # drawn and written as the callback does (H.264 is lossy: compare decoded)
+        system = load_system(Path(tags["vidlab.checkpoint"]), averaged=averaged)
+        video = system.generate([prompt], [0], 4, 16, 16)
+        path = save_videos(video, [prompt], [0], tmp_path / str(averaged), fps=8, display_scale=4)[0]
+        errors[averaged] = (frames(path) - frames(logged)).abs().mean().item()
+    assert errors[True] < 0.5 and errors[False] > 20, errors

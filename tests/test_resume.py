@@ -1,6 +1,6 @@
 """Kill -9 a training run at a random step, resume it with ``vidlab fit --resume``: the loss of every
-step equals the uninterrupted run's bit for bit, and the metrics continue in the same MLflow run; on
-one process and on two DDP processes (CPU, gloo)."""
+step equals the uninterrupted run's bit for bit, so do the final EMA weights, and the metrics continue
+in the same MLflow run; on one process, two DDP processes and two FSDP2 processes (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from experiments.export import read_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12  # smoke: 32 clips / batch 4 = 8 steps per epoch, so the runs cross an epoch boundary
 ARGS = [f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1",
-        "callbacks.samples=null", "callbacks.timestep_loss=null", "callbacks.model_card=null"]
+        "callbacks.samples=null", "callbacks.timestep_loss=null", "callbacks.model_card=null",
+        "ema.enabled=true", "ema.decay=0.9"]  # the EMA must survive the kill too
 
 
 def _cmd(*args: str) -> list[str]:
@@ -48,9 +51,10 @@ def _losses(out: Path, run_id: str) -> dict[int, float]:
 
 
 DDP = ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=ddp"]  # the same global batch
+FSDP = ["data.batch_size=2", "trainer.devices=2", "trainer.strategy=fsdp"]  # sharded checkpoints (folders)
 
 
-@pytest.mark.parametrize("extra", [[], DDP], ids=["one_process", "ddp_2_processes"])
+@pytest.mark.parametrize("extra", [[], DDP, FSDP], ids=["one_process", "ddp_2_processes", "fsdp_2_processes"])
 def test_kill_9_then_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, extra):
     out = tmp_path / "outputs"
     args = [*ARGS, *extra]
@@ -77,7 +81,7 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, e
     before = _losses(out, killed.info.run_id)
     assert max(before) < STEPS
     last = out / "checkpoints" / killed.info.run_id / "last.ckpt"
-    resume_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    resume_step = read_checkpoint(last)["global_step"]
     assert 1 <= resume_step < STEPS  # last.ckpt is written after step{k}.ckpt: a kill in between resumes from k - 1
 
     resumed = subprocess.run(_cmd("fit", "--resume", killed.info.run_id), env=_env(out), cwd=REPO,
@@ -91,4 +95,8 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, e
     logged = [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")]
     assert all(logged.count(step) == 1 for step in range(1, resume_step + 1)), sorted(logged)
     assert _run(out, "killed").info.status == "FINISHED"
+    final = {name: read_checkpoint(out / "checkpoints" / _run(out, name).info.run_id / "last.ckpt")["state_dict"]
+             for name in ("whole", "killed")}
+    averages = [k for k in final["whole"] if k.startswith("ema.")]
+    assert averages and all(torch.equal(final["whole"][k], final["killed"][k]) for k in averages)
     print(f"killed after step {kill_after}, resumed from step {resume_step} to {STEPS}")

@@ -1,11 +1,10 @@
 """mp4 I/O and VideoDataset: clip sampling checked against frames whose brightness encodes
-their index, crops against two-tone frames, and bad files skipped without stopping an epoch."""
+their index, crops against two-tone frames. Bad files and captions: tests/test_bad_input.py."""
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from datamodules.mp4 import read_mp4, write_mp4
 from datamodules.video import VideoDataModule, VideoDataset, collate_videos
@@ -204,68 +202,8 @@ def test_jsonl_and_csv_agree(ramps):
         assert torch.equal(a[i]["video"], b[i]["video"]) and a[i]["path"] == b[i]["path"]
 
 
-@pytest.mark.parametrize("name, text, line", [
-    ("captions.jsonl", '{"video": "a.mp4", "caption": "ok"}\n\n{"video": "b.mp4", "capt\n', 3),
-    ("captions.jsonl", '{"video": "a.mp4", "caption": "ok"}\n{"video": "b.mp4"}\n', 2),
-    ("captions.jsonl", '{"video": "a.mp4", "caption": "ok"}\n["b.mp4", "x"]\n', 2),
-    ("captions.csv", "video,caption\na.mp4,ok\nb.mp4,ok\nc.mp4\n", 4),
-    ("captions.csv", "file,caption\na.mp4,ok\n", 1),
-])
-def test_malformed_captions_name_file_and_line(ramps, name, text, line):
-    (ramps / name).write_text(text)
-    with pytest.raises(ValueError, match=re.escape(f"{ramps / name}, line {line}:")):
-        VideoDataset(ramps, captions=name)
-
-
-# ---------------------------------------------------------------------------------- bad files
-
-
-def test_bad_files_are_skipped_once_and_epoch_completes(tmp_path, caplog):
-    noise = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
-    write_mp4(tmp_path / "noise.mp4", noise)
-    data = (tmp_path / "noise.mp4").read_bytes()
-    (tmp_path / "noise.mp4").unlink()
-    for k in range(4):
-        write_mp4(tmp_path / f"good{k}.mp4", _ramp(16, 64, 64))
-    write_mp4(tmp_path / "short.mp4", _ramp(8, 64, 64))
-    (tmp_path / "corrupt.mp4").write_bytes(np.random.default_rng(1).bytes(5000))
-    (tmp_path / "trunc2k.mp4").write_bytes(data[:2048])
-    (tmp_path / "late.mp4").write_bytes(data[:-200])  # header fine, last frames cut off
-    (tmp_path / "zero.mp4").write_bytes(b"")
-    names = ["good0", "corrupt", "good1", "trunc2k", "zero", "late", "good2", "missing", "short", "good3"]
-    _jsonl(tmp_path, [{"video": f"{n}.mp4", "caption": n} for n in names])
-
-    with caplog.at_level(logging.WARNING, logger="vidlab.data"):
-        ds = VideoDataset(tmp_path, num_frames=16)
-        reasons = {Path(p).stem: r for p, r in ds.skipped.items()}
-        assert set(reasons) == {"corrupt", "trunc2k", "zero", "missing", "short"}
-        assert reasons["missing"] == "missing" and reasons["zero"].startswith("empty")
-        assert reasons["corrupt"].startswith("unreadable") and reasons["trunc2k"].startswith("unreadable")
-        assert reasons["short"].startswith("too short")
-        assert len(ds) == 5
-
-        # a file that opened but fails to decode is replaced by the next valid item
-        assert Path(ds[ds.paths.index(str(tmp_path / "late.mp4"))]["path"]).stem == "good2"
-        for _ in range(2):  # two epochs, no error, no repeated warning
-            loader = DataLoader(ds, batch_size=2, collate_fn=collate_videos)
-            batches = list(loader)
-            assert [b["video"].shape[0] for b in batches] == [2, 2, 1]
-            assert all(b["video"].shape[1:] == (3, 16, 64, 64) for b in batches)
-            assert "late" not in {Path(p).stem for b in batches for p in b["path"]}
-        assert ds.skipped[str(tmp_path / "late.mp4")].startswith("decode failed")
-
-    warnings = [r.getMessage() for r in caplog.records if r.name == "vidlab.data"]
-    assert len(warnings) == 6
-    for name in ("corrupt", "trunc2k", "zero", "missing", "short", "late"):
-        hits = [m for m in warnings if str(tmp_path / f"{name}.mp4") in m]
-        assert len(hits) == 1 and ds.skipped[str(tmp_path / f"{name}.mp4")] in hits[0]
-
-
-def test_no_valid_video_names_the_folder(tmp_path):
-    (tmp_path / "zero.mp4").write_bytes(b"")
-    _jsonl(tmp_path, [{"video": "zero.mp4", "caption": "x"}, {"video": "gone.mp4", "caption": "y"}])
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
-        VideoDataset(tmp_path)
+# Malformed caption files and bad video files (corrupt, truncated, empty, wrong codec, too short,
+# missing, unlisted) are the bad-input corpus: tests/test_bad_input.py.
 
 
 def test_collate_videos():

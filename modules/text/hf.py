@@ -31,13 +31,21 @@ class HFTextEncoder(TextEncoder):
         from transformers import AutoModel, AutoTokenizer
 
         path = _default_path() if path is None else str(path)
+        expected = "a local Hugging Face folder (save_pretrained) with config.json, tokenizer files and weights"
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"text encoder folder not found: {path}")
+            raise FileNotFoundError(f"text encoder folder not found: path={path!r}; expected {expected}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"text encoder folder path={path!r} has no config.json; expected {expected}")
         self.path = path
         self.max_length = max_length
         self.trainable = trainable
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:  # no tokenizer / weights files, an unknown model type
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"text encoder folder path={path!r} cannot be loaded ({first}); "
+                             f"expected {expected}") from exc
         self.dim = int(self.model.config.hidden_size)
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         if not trainable:
