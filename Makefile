@@ -6,7 +6,7 @@ PORT    ?= 5000
 OUT     ?= outputs
 VBENV   := .venv-vbench
 
-.PHONY: install vbench-env demo smoke test ui bench clean
+.PHONY: install vbench-env browser demo smoke test ui bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,13 +38,23 @@ $(VBENV)/.installed: constraints-vbench.txt
 
 vbench-env: $(VBENV)/.installed  ## .venv-vbench, the environment eval/vbench.py runs vbench in
 
+# tests/test_ui.py drives Debian's Chromium through Debian's chromedriver (selenium is given the
+# driver's path and downloads nothing). Installed from apt only when either file is missing; as root
+# directly, else through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:  ## /usr/bin/chromium and /usr/bin/chromedriver (apt: chromium chromium-driver), for tests/test_ui.py
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+
 demo: $(VENV)/.installed  ## the main job: configs/ablation/demo.yaml on Shapes
 	$(VENV)/bin/vidlab sweep configs/ablation/demo.yaml
 
 smoke: $(VENV)/.installed  ## a tiny model in under a minute
 	$(VENV)/bin/vidlab fit smoke
 
-test: $(VENV)/.installed-dev $(VBENV)/.installed  ## the whole test suite (CPU; VBench through .venv-vbench)
+test: $(VENV)/.installed-dev $(VBENV)/.installed browser  ## the whole test suite (CPU; VBench through .venv-vbench; the MLflow UI in Chromium)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev  ## benchmarks/: measured ratios, printed as name: value

@@ -1,5 +1,11 @@
-"""Sample K videos for fixed prompts and seeds, score them (`eval.scorer`), log numbers, protocol and
-videos to MLflow: every ``every_n_steps`` and at the end of fit.
+"""Sample K videos for fixed prompts and seeds, score them (`eval.scorer`), log numbers, protocol,
+videos and two tables to MLflow: every ``every_n_steps`` and at the end of fit.
+
+Tables (MLflow ``log_table``, JSON the artifact viewer shows as a table), per step:
+``eval/step_NNNNNN/videos.json``, one row per generated video (index, prompt, seed, file, the
+artifact path when the mp4 was logged, what the probe read and whether it is right, each VBench
+dimension's score), and ``eval/step_NNNNNN/dimensions.json``, one row per probe attribute and VBench
+dimension (score, and VBench's normalised score).
 
 Prompts and seeds: ``prompts`` if given (cycled to ``num_videos``), else the captions of the first
 ``num_videos`` reference clips (held out from training); video i gets seed ``seed + i``. The same
@@ -32,7 +38,7 @@ from torch import Tensor
 
 from callbacks.cadence import EveryNSteps
 from callbacks.held_out import HeldOutClips
-from callbacks.samples import save_videos
+from callbacks.samples import save_videos, video_filename
 from datamodules.digest import tensor_digest
 from eval.probe import cached_probe
 from eval.reference import FeatureSums
@@ -87,6 +93,7 @@ class VideoEvaluation(EveryNSteps):
         self._protocol_logged = False
         self.results: dict[str, float] = {}
         self.folder: Path | None = None
+        self.per_video: list[dict[str, Any]] = []  # rows of the latest evaluation (global rank 0)
 
     # -- once ----------------------------------------------------------------------------------------
 
@@ -164,6 +171,9 @@ class VideoEvaluation(EveryNSteps):
                 return None
         reference = self.reference(trainer, module) if {"fvd", "fvd_probe"} & set(self.metrics) else None
         scores = scorer.scores(rows, prompts, reference) if scorer.metrics else {}
+        per_video = scorer.per_video(rows, prompts) if scorer.metrics else [{} for _ in prompts]
+        self.per_video = [{"index": i, "prompt": p, "seed": s, "file": video_filename(p, s), **extra}
+                          for i, (p, s, extra) in enumerate(zip(prompts, seeds, per_video))]
         vbench = None
         if "vbench" in self.metrics:
             from eval.vbench import run_vbench
@@ -181,15 +191,19 @@ class VideoEvaluation(EveryNSteps):
         if trainer.logger is not None and getattr(trainer.logger, "run_id", None):
             self.results.update(log_evaluation(trainer.logger.experiment, trainer.logger.run_id, trainer.global_step,
                                                self.results, protocol, vbench, self.folder, self.log_videos,
-                                               first=not self._protocol_logged))
+                                               first=not self._protocol_logged, per_video=self.per_video))
             self._protocol_logged = True
 
 
 def log_evaluation(client: Any, run_id: str, step: int, metrics: dict[str, float], protocol: dict[str, Any],
-                   vbench: Any, folder: Path | None, log_videos: int, first: bool = True) -> dict[str, float]:
+                   vbench: Any, folder: Path | None, log_videos: int, first: bool = True,
+                   per_video: list[dict[str, Any]] | None = None) -> dict[str, float]:
     """Metrics at ``step``; with ``first`` the protocol as ``eval/protocol.json`` (+ a tag naming the
     FVD preset); the first ``log_videos`` mp4s of ``folder`` (in seed order) under ``eval/step_N/``;
-    VBench's metrics and per-video tables (`eval.vbench.log_vbench`), whose metrics are returned."""
+    VBench's metrics and per-video tables (`eval.vbench.log_vbench`), whose metrics are returned;
+    the tables of the module docstring (`evaluation_tables`; ``per_video`` rows as
+    `VideoEvaluation.evaluate` leaves them, None: no per-video table)."""
+    import pandas
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
@@ -198,12 +212,49 @@ def log_evaluation(client: Any, run_id: str, step: int, metrics: dict[str, float
         client.log_text(run_id, json.dumps(protocol, indent=2, default=str), "eval/protocol.json")
         if "fvd" in protocol:
             client.set_tag(run_id, "vidlab.eval.fvd_protocol", protocol["fvd"]["name"])
+    logged: dict[str, str] = {}  # file name -> artifact path
     if folder is not None:
         videos = sorted(folder.glob("*.mp4"), key=lambda p: int(p.stem.rpartition("-")[2]))
         for path in videos[:log_videos]:
             client.log_artifact(run_id, str(path), artifact_path=f"eval/step_{step:06d}")
-    if vbench is None:
-        return {}
-    from eval.vbench import log_vbench
+            logged[path.name] = f"eval/step_{step:06d}/{path.name}"
+    vbench_metrics: dict[str, float] = {}
+    if vbench is not None:
+        from eval.vbench import log_vbench
 
-    return log_vbench(client, run_id, vbench, step)
+        vbench_metrics = log_vbench(client, run_id, vbench, step)
+    for name, rows in zip(("videos", "dimensions"), evaluation_tables(metrics, vbench, per_video, logged)):
+        if rows:  # records (one dict per row) -> DataFrame
+            client.log_table(run_id, data=pandas.DataFrame(rows), artifact_file=f"eval/step_{step:06d}/{name}.json")
+    return vbench_metrics
+
+
+def evaluation_tables(metrics: dict[str, float], vbench: Any, per_video: list[dict[str, Any]] | None,
+                      logged: dict[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of ``videos.json`` and ``dimensions.json`` (module docstring).
+
+    Videos: ``per_video`` plus ``artifact`` (where the mp4 is in the run, "" when not logged) and
+    ``vbench_<dimension>`` (VBench's per-video score, matched by file name; None when VBench left the
+    video out). Dimensions: ``probe_acc_<attribute>`` of ``metrics`` (any prefix) as metric
+    ``probe``, then each VBench dimension with its raw and normalised score.
+    """
+    videos = []
+    vbench_scores = {dim: {row["video"]: row["score"] for row in rows}
+                     for dim, rows in (vbench.per_video.items() if vbench is not None else ())}
+    for row in per_video or []:
+        extra = {f"vbench_{dim}": scores.get(row["file"]) for dim, scores in vbench_scores.items()}
+        videos.append({**row, "artifact": logged.get(row["file"], ""), **extra})
+    dimensions: list[dict[str, Any]] = []
+    for key, value in metrics.items():
+        name = key.rpartition("/")[2]
+        if name.startswith("probe_acc_"):
+            dimensions.append({"metric": "probe", "dimension": name.removeprefix("probe_acc_"),
+                               "score": float(value), "normalised": None})
+    if vbench is not None:
+        from eval.vbench import normalised_scores
+
+        normalised = normalised_scores(vbench.scores)["normalised"]
+        for dim, score in vbench.scores.items():
+            dimensions.append({"metric": "vbench", "dimension": dim, "score": float(score),
+                               "normalised": normalised.get(dim)})
+    return videos, dimensions

@@ -68,3 +68,16 @@ def file_digest(path: str | os.PathLike) -> str:
             handle.seek(size - EDGE_BYTES)
             h.update(handle.read(EDGE_BYTES))
     return h.hexdigest()
+
+
+def video_set_digest(root: str | os.PathLike, paths: list[str], captions: list[str]) -> str:
+    """sha256 of a set of videos as listed: each video's path relative to ``root``, its size in bytes
+    and its caption, in order. Only ``stat`` is read, never the files, so it is cheap enough to
+    compute at every fit start on a dataset of any size (the identity MLflow records as the run's
+    dataset input); a re-encoded file of another size, a renamed, added or dropped video or an
+    edited caption changes it. The latent cache hashes contents too (`file_digest`), as a stale
+    cache must be refused for any change."""
+    h = hashlib.sha256()
+    for path, caption in zip(paths, captions):
+        h.update(json.dumps([os.path.relpath(path, root), os.path.getsize(path), caption]).encode())
+    return h.hexdigest()

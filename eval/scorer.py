@@ -12,7 +12,9 @@ Metrics (names as logged, under a prefix such as ``eval/``):
 - ``vbench``: the real VBench over the saved mp4s in its own environment (`eval.vbench`).
 
 The work is split so it can be sharded: `features` runs per video (any rank, any batch), the
-rows are gathered, and `scores` turns all rows into numbers. No Lightning imports.
+rows are gathered, and `scores` turns all rows into numbers; `per_video` says, from the same rows,
+what the probe read in each video and whether it matches its prompt (the evaluation table).
+No Lightning imports.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 from datamodules.digest import module_digest
 from eval.fvd import PROTOCOLS, FVDProtocol, frechet_distance, preprocess
 from eval.i3d import I3D_FILENAME, I3D_SHA1, TORCHSCRIPT_FILENAME, TORCHSCRIPT_SHA1, load_detector
-from eval.probe import ATTRIBUTES, ShapesProbe, scores_from_predictions
+from eval.probe import ATTRIBUTES, ShapesProbe, caption_labels, scores_from_predictions
 from eval.reference import FeatureSums, cached_feature_sums
 
 METRICS: tuple[str, ...] = ("probe", "fvd_probe", "fvd", "vbench")
@@ -164,6 +166,24 @@ class VideoScorer:
                 ref = reference[kind].statistics(self.protocol.ddof)
                 gen = FeatureSums.of(rows[kind]).statistics(self.protocol.ddof)
                 out[name] = float(frechet_distance(*ref, *gen))
+        return out
+
+    def per_video(self, rows: dict[str, Tensor], prompts: Sequence[str]) -> list[dict[str, Any]]:
+        """One dict per video (N,) from the rows of `features`: with ``probe_pred``, the class the
+        probe read per attribute (``probe_color`` ... as names) and whether it is the prompt's
+        (``probe_color_correct`` ..., ``probe_joint_correct``: all four). Their means over the
+        videos are `scores`' ``probe_acc_*``. Empty dicts for metrics with no per-video value
+        (the Fréchet distances are set statistics)."""
+        out: list[dict[str, Any]] = [{} for _ in prompts]
+        if "probe_pred" in rows:
+            pred = rows["probe_pred"].long()  # (N, 4) class indices in ATTRIBUTES order
+            for i, prompt in enumerate(prompts):
+                want = caption_labels(prompt)
+                for j, attribute in enumerate(ATTRIBUTES):
+                    got = int(pred[i, j])
+                    out[i][f"probe_{attribute}"] = self.probe.vocab[attribute][got]
+                    out[i][f"probe_{attribute}_correct"] = got == want[attribute]
+                out[i]["probe_joint_correct"] = all(out[i][f"probe_{a}_correct"] for a in ATTRIBUTES)
         return out
 
     def protocol_record(self, num_generated: int, reference: dict[str, FeatureSums] | None = None) -> dict:

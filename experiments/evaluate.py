@@ -89,7 +89,7 @@ def evaluate_folder(videos_dir: str | Path, metrics: Sequence[str], reference_di
     cfg = {"output_dir": os.environ.get("VIDLAB_OUTPUT_DIR", "outputs"),  # base.yaml's defaults
            "tracking": {"uri": None, "experiment": experiment or "vidlab"}}
     out_dir = Path(cfg["output_dir"])
-    videos, prompts, _, skipped = read_folder(videos_dir)
+    videos, prompts, paths, skipped = read_folder(videos_dir)
     _, _, frames, height, width = videos.shape
     probe = None
     if {"probe", "fvd_probe"} & set(metrics):
@@ -99,7 +99,10 @@ def evaluate_folder(videos_dir: str | Path, metrics: Sequence[str], reference_di
     reference = None
     if {"fvd", "fvd_probe"} & set(metrics):
         reference = _reference(scorer, reference_dir, num_reference, videos.shape, out_dir)
-    scores = scorer.scores(scorer.features(videos), prompts, reference) if scorer.metrics else {}
+    rows = scorer.features(videos) if scorer.metrics else {}
+    scores = scorer.scores(rows, prompts, reference) if scorer.metrics else {}
+    per_video = [{"index": i, "prompt": prompt, "file": path.name, **extra} for i, (prompt, path, extra)
+                 in enumerate(zip(prompts, paths, scorer.per_video(rows, prompts) if rows else [{}] * len(paths)))]
     vbench = None
     if "vbench" in metrics:
         from eval.vbench import run_vbench
@@ -114,7 +117,7 @@ def evaluate_folder(videos_dir: str | Path, metrics: Sequence[str], reference_di
     results = {f"eval/{k}": v for k, v in scores.items()}
     if skipped:
         results["eval/skipped_videos"] = float(len(skipped))
-    results.update(log_evaluation(client, run.info.run_id, 0, results, record, vbench, None, 0))
+    results.update(log_evaluation(client, run.info.run_id, 0, results, record, vbench, None, 0, per_video=per_video))
     client.set_terminated(run.info.run_id)
     return EvalResult(run.info.run_id, results, skipped)
 
@@ -153,7 +156,7 @@ def evaluate_run(run_id: str, metrics: Sequence[str] | None = None, num_videos: 
     scores, protocol, vbench = callback.evaluate(system, None, run_id, step)
     results = {f"{callback.prefix}{k}": v for k, v in scores.items()}
     results.update(log_evaluation(mlflow_client(cfg), run_id, step, results, protocol, vbench, callback.folder,
-                                  callback.log_videos))
+                                  callback.log_videos, per_video=callback.per_video))
     return EvalResult(run_id, results)
 
 

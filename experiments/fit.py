@@ -19,8 +19,8 @@ from experiments.checkpoint_io import AtomicCheckpointIO
 from experiments.config import Composed, to_yaml
 from experiments.export import export_safetensors
 from experiments.ranks import global_rank, publish_run_id, shared_run_id
-from experiments.tracking import git_state, log_config, make_logger, tracking_uri
-from modules.parallel import FSDP2Strategy
+from experiments.tracking import RunRecord, git_state, log_config, make_logger, tracking_uri
+from modules.parallel import FSDP2Strategy, recover_sharded_checkpoint
 from modules.system import NonFiniteLossError
 
 
@@ -42,7 +42,8 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     logging into the same MLflow run.
 
     The run gets the flattened config as params, ``config.yaml``, the git commit, the presets as
-    ``vidlab.preset.<group>`` tags and, at the end, ``vidlab.checkpoint`` (the last checkpoint).
+    ``vidlab.preset.<group>`` tags, its environment, dataset input and system metrics while it trains
+    (`experiments.tracking.RunRecord`) and, at the end, ``vidlab.checkpoint`` (the last checkpoint).
     """
     cfg = composed.cfg
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
@@ -77,12 +78,13 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     kwargs = trainer_kwargs(composed)
     sharded = isinstance(kwargs.get("strategy"), FSDP2Strategy)  # torch.distributed.checkpoint writes the shards
     trainer = L.Trainer(
-        **kwargs, logger=logger, callbacks=[*callbacks, ResumeState(), checkpoint], default_root_dir=cfg["output_dir"],
-        plugins=None if sharded else [AtomicCheckpointIO()],
+        **kwargs, logger=logger, callbacks=[*callbacks, RunRecord(cfg, resume), ResumeState(), checkpoint],
+        default_root_dir=cfg["output_dir"], plugins=None if sharded else [AtomicCheckpointIO()],
     )
     ckpt_path = None
     if resume:
         ckpt_path = ckpt_dir / "last.ckpt"
+        recover_sharded_checkpoint(ckpt_path)  # an fsdp run killed between the two renames of its save
         if not ckpt_path.exists():
             raise FileNotFoundError(f"run {run} has no checkpoint to resume from: {ckpt_path} does not exist")
     try:

@@ -165,6 +165,86 @@ def test_reference_cache_is_keyed_by_data_protocol_and_network(tmp_path, probe, 
     assert fingerprint(protocol_a.reference_key("i3d", "d")) != fingerprint(protocol_b.reference_key("i3d", "d"))
 
 
+def test_per_video_rows_say_what_the_probe_read():
+    """`VideoScorer.per_video`: the class names read and whether each matches the prompt; their
+    means are `scores`' accuracies. Predictions are set by hand, so no trained probe is needed."""
+    from eval.probe import ShapesProbe, caption_labels, vocabularies
+
+    prompts = ["a red circle moving left on a black background", "a yellow square moving up on a gray background"]
+    right = [caption_labels(p) for p in prompts]
+    pred = torch.tensor([[right[0][a] for a in ("color", "shape", "motion", "background")],
+                         [(right[1]["color"] + 1) % 8, right[1]["shape"], right[1]["motion"], right[1]["background"]]],
+                        dtype=torch.float32)  # video 1: the wrong colour
+    scorer = VideoScorer(["probe"], ShapesProbe())
+    rows = scorer.per_video({"probe_pred": pred}, prompts)
+    assert rows[0] == {"probe_color": "red", "probe_shape": "circle", "probe_motion": "left",
+                       "probe_background": "black", "probe_color_correct": True, "probe_shape_correct": True,
+                       "probe_motion_correct": True, "probe_background_correct": True, "probe_joint_correct": True}
+    assert rows[1]["probe_color"] == vocabularies()["color"][(right[1]["color"] + 1) % 8]
+    assert not rows[1]["probe_color_correct"] and rows[1]["probe_shape_correct"] and not rows[1]["probe_joint_correct"]
+    scores = scorer.scores({"probe_pred": pred}, prompts)
+    for attribute in ("color", "shape", "motion", "background", "joint"):
+        assert scores[f"probe_acc_{attribute}"] == np.mean([r[f"probe_{attribute}_correct"] for r in rows])
+    assert VideoScorer(["fvd"], detector=torch.nn.Identity()).per_video({}, prompts) == [{}, {}]
+
+
+def _table(client: MlflowClient, run_id: str, path: str) -> list[dict]:
+    """A `log_table` artifact (pandas' split orient) as rows."""
+    table = json.loads(Path(client.download_artifacts(run_id, path)).read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def test_evaluation_tables_per_video_and_per_dimension_land_in_mlflow(out_dir):
+    """The callback's evaluate + log_evaluation with an untrained model and probe (cheap): videos.json
+    has a row per generated video (prompt, seed, file, artifact, what the probe read), consistent with
+    the logged accuracies; dimensions.json a row per probe attribute; VBench scores join both."""
+    from callbacks.evaluation import VideoEvaluation, evaluation_tables, log_evaluation
+    from eval.probe import ShapesProbe
+    from eval.vbench import VBenchResult, normalised_scores
+    from experiments.build import build_system
+    from experiments.config import compose
+    from experiments.tracking import experiment_id
+
+    torch.manual_seed(0)
+    composed = compose("smoke")
+    system = build_system(composed)
+    prompts = ["a red circle moving left on a black background", "a yellow square moving up on a gray background"]
+    callback = VideoEvaluation(metrics=["probe"], num_videos=3, prompts=prompts, num_frames=4, height=16, width=16,
+                               batch_size=3, log_videos=2)
+    callback._scorer = VideoScorer(["probe"], ShapesProbe())  # random weights: any reading will do
+    scores, protocol, _ = callback.evaluate(system, None, "tables", step=7)
+    client = MlflowClient(tracking_uri(composed.cfg))
+    run = client.create_run(experiment_id(composed.cfg)).info.run_id
+    metrics = {f"eval/{k}": v for k, v in scores.items()}
+    log_evaluation(client, run, 7, metrics, protocol, None, callback.folder, callback.log_videos,
+                   per_video=callback.per_video)
+
+    videos = _table(client, run, "eval/step_000007/videos.json")
+    assert [(v["index"], v["prompt"], v["seed"]) for v in videos] == [(0, prompts[0], 0), (1, prompts[1], 1),
+                                                                       (2, prompts[0], 2)]
+    assert all((callback.folder / v["file"]).is_file() for v in videos)
+    logged = {a.path for a in client.list_artifacts(run, "eval/step_000007") if a.path.endswith(".mp4")}
+    assert {v["artifact"] for v in videos[:2]} == logged and videos[2]["artifact"] == ""
+    for attribute in ("color", "shape", "motion", "background", "joint"):
+        assert metrics[f"eval/probe_acc_{attribute}"] == pytest.approx(
+            np.mean([v[f"probe_{attribute}_correct"] for v in videos]))
+    dimensions = _table(client, run, "eval/step_000007/dimensions.json")
+    assert [(d["metric"], d["dimension"]) for d in dimensions] == [
+        ("probe", a) for a in ("color", "shape", "motion", "background", "joint")]
+    assert all(d["score"] == pytest.approx(metrics[f"eval/probe_acc_{d['dimension']}"]) for d in dimensions)
+
+    # VBench (its real run needs .venv-vbench: tests/test_vbench.py): per-video scores join by file
+    files = [v["file"] for v in callback.per_video]
+    vbench = VBenchResult(scores={"temporal_flickering": 0.97},
+                          per_video={"temporal_flickering": [{"video": files[0], "prompt": prompts[0], "score": 0.9},
+                                                             {"video": files[1], "prompt": prompts[1], "score": 0.8}]},
+                          results_json=Path("absent.json"))
+    rows, dims = evaluation_tables(metrics, vbench, callback.per_video, {})
+    assert [r["vbench_temporal_flickering"] for r in rows] == [0.9, 0.8, None]  # the third was left out
+    normalised = normalised_scores({"temporal_flickering": 0.97})["normalised"]["temporal_flickering"]
+    assert dims[-1] == {"metric": "vbench", "dimension": "temporal_flickering", "score": 0.97, "normalised": normalised}
+
+
 # -- vidlab eval --videos ---------------------------------------------------------------------------
 
 def _write_set(folder: Path, videos: torch.Tensor, prompts: list[str]) -> None:
@@ -187,6 +267,9 @@ def test_cli_eval_videos_scores_real_clips_high_and_noise_low(out_dir, seeded_pr
     assert real_m["eval/probe_acc_joint"] > 0.85  # through H.264 and back
     assert noise_m["eval/probe_acc_color"] < 0.5 and noise_m["eval/skipped_videos"] == 1
     assert noise_m["eval/fvd_probe"] > 10 * real_m["eval/fvd_probe"]
+    table = _table(client, runs["eval good"].info.run_id, "eval/step_000000/videos.json")  # one row per video
+    assert len(table) == 32 and all((good / row["file"]).is_file() for row in table)
+    assert np.mean([row["probe_joint_correct"] for row in table]) == pytest.approx(real_m["eval/probe_acc_joint"])
     protocol = json.loads(Path(client.download_artifacts(runs["eval good"].info.run_id, "eval/protocol.json")).read_text())
     assert protocol["num_generated"] == 32 and protocol["probe"]["num_reference"] == 64
 
@@ -258,8 +341,11 @@ def test_callback_logs_scores_protocol_and_videos_and_scores_rise_with_training(
     assert [m.step for m in history] == [FIT_STEPS]
     protocol = json.loads(Path(client.download_artifacts(result.run_id, "eval/protocol.json")).read_text())
     assert protocol["metrics"] == ["probe", "fvd_probe"] and protocol["num_generated"] == 32
-    videos = client.list_artifacts(result.run_id, f"eval/step_{FIT_STEPS:06d}")
-    assert len(videos) == 2 and all(v.path.endswith(".mp4") for v in videos)
+    videos = [a for a in client.list_artifacts(result.run_id, f"eval/step_{FIT_STEPS:06d}") if a.path.endswith(".mp4")]
+    assert len(videos) == 2
+    table = _table(client, result.run_id, f"eval/step_{FIT_STEPS:06d}/videos.json")  # inside a fit too
+    assert len(table) == 32 and [r["seed"] for r in table] == list(range(32))
+    assert np.mean([r["probe_joint_correct"] for r in table]) == pytest.approx(trained["eval/probe_acc_joint"])
 
     # the same callback on the untrained model (same seed, same prompts and noise): the generated
     # videos' probe features are much closer to real clips after training. Measured (AMD EPYC, 150
