@@ -24,6 +24,7 @@ EPILOG = """examples:
   vidlab fit --from-run RUN_ID trainer.max_steps=50 # re-run a logged config
   vidlab fit --resume RUN_ID                        # continue a killed run from its last checkpoint
   vidlab sweep configs/ablation/demo.yaml
+  vidlab sweep configs/ablation/objective.yaml --jobs 2   # 2 arms at a time, logs under outputs/sweeps/
   vidlab fit vae_causal3d                           # train an autoencoder -> outputs/autoencoders/vae_causal3d/
   vidlab cache-latents smoke_cached                 # encode the data once; then: vidlab fit smoke_cached
   vidlab sample RUN_ID --prompt "a red circle moving left on a black background" --seed 0
@@ -51,8 +52,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     source = args.from_run or args.resume
-    if args.from_run and args.resume:
-        raise ConfigError("vidlab fit: give --from-run (a new run) or --resume (the same run), not both")
+    if sum(bool(x) for x in (args.from_run, args.resume, args.run_id)) > 1:
+        raise ConfigError("vidlab fit: give one of --from-run (a new run), --resume (the same run, from its "
+                          "checkpoint) or --run-id (an existing run, from step 0)")
     if source:
         if args.experiment:
             overrides.insert(0, args.experiment)  # argparse took the first override as EXPERIMENT
@@ -63,12 +65,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         experiment = args.experiment
     else:
         raise ConfigError("vidlab fit: give an EXPERIMENT (name or file) or --from-run RUN_ID")
-    composed = compose(experiment, overrides)
-    tags = {"vidlab.from_run": args.from_run} if args.from_run else {}
-    if args.resume:
-        result = run_fit(composed, run_id=args.resume, resume=True)
-    else:
-        result = run_fit(composed, tags=tags)
+    attached = args.resume or args.run_id  # a run that exists before this process: it records the outcome
+    try:
+        composed = compose(experiment, overrides)
+        tags = {"vidlab.from_run": args.from_run} if args.from_run else {}
+        if args.resume:
+            result = run_fit(composed, run_id=args.resume, resume=True)
+        else:
+            result = run_fit(composed, run_id=args.run_id, tags=tags)
+    except BaseException as exc:
+        if attached:
+            _record_end(attached, exc)
+        raise
+    from experiments.ranks import global_rank
+
+    if global_rank() != 0:  # every rank returns here; rank 0's summary is the run's (the others' loss is local)
+        return 0
     console.print(f"run {result.run_id}: final train/loss {result.final_loss}")
     console.print(f"checkpoint: {result.checkpoint}")
     for path in result.samples:
@@ -77,21 +89,57 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_end(run_id: str, exc: BaseException) -> None:
+    """An attached run (``--run-id``, ``--resume``) that this process fails or is stopped in: FAILED with
+    the error in ``vidlab.error`` (what `vidlab sweep` reports for the arm), or KILLED on Ctrl-C.
+    Rank 0 only; a failure to record must not hide the error itself."""
+    from experiments.ranks import global_rank
+    from experiments.tracking import client
+
+    if global_rank() != 0:
+        return
+    try:
+        mlflow_client = client()
+        if isinstance(exc, Exception):
+            mlflow_client.set_tag(run_id, "vidlab.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow_client.set_terminated(run_id, status="FAILED" if isinstance(exc, Exception) else "KILLED")
+    except Exception as problem:  # noqa: BLE001
+        errors.print(f"could not record the failure in MLflow run {run_id}: {escape(str(problem))}", highlight=False)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from experiments.progress import clock
     from experiments.sweep import format_axis_value, load_ablation, run_sweep
     from experiments.tracking import tracking_uri
 
-    results = run_sweep(args.ablation)
-    table = Table(title=f"ablation {load_ablation(args.ablation).name}")
-    for column in ("arm", "status", "final train/loss", "samples", "run"):
+    ablation = load_ablation(args.ablation)
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"vidlab sweep: --jobs must be at least 1, got {args.jobs}")
+    try:
+        results = run_sweep(args.ablation, jobs=args.jobs)
+    except KeyboardInterrupt:
+        errors.print("sweep interrupted: the running arms are recorded KILLED; run the same command again to "
+                     "continue them (finished arms are skipped)", highlight=False)
+        return 130
+    samples, logs = any(r.samples_dir for r in results), [Path(r.log_file) for r in results if r.log_file]
+    table = Table(title=f"ablation {ablation.name}")
+    columns = ["arm", "status", "final train/loss", "time", "run"] + ["samples"] * samples + ["log"] * bool(logs)
+    for column in columns:
         table.add_column(column, overflow="fold")
     for r in results:
-        loss = "-" if r.final_loss is None else f"{r.final_loss:.4f}"
-        samples = _relative(r.samples_dir) if r.samples_dir else (r.error or "-")
         axes = "\n".join(f"{k}={format_axis_value(v)}" for k, v in r.arm.values.items())
-        table.add_row(axes, r.status, loss, samples, r.run_id[:8])
+        row = [axes, r.status, "-" if r.final_loss is None else f"{r.final_loss:.4f}",
+               clock(r.seconds) if r.seconds else "-", r.run_id[:8]]
+        row += [_relative(r.samples_dir) if r.samples_dir else "-"] * samples
+        row += [Path(r.log_file).name if r.log_file else "-"] * bool(logs)
+        table.add_row(*row)
     console.print(table)
-    composed = compose(load_ablation(args.ablation).experiment)
+    for folder in sorted({str(log.parent) for log in logs}):
+        console.print(f"logs: {_relative(folder)}/", soft_wrap=True)
+    for r in results:
+        if r.error:
+            console.print(f"[red]{r.status}[/] {escape(r.arm.key)}: {escape(r.error)}", soft_wrap=True, highlight=False)
+    composed = compose(ablation.experiment)
     console.print(_ui_hint(tracking_uri(composed.cfg)))
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
@@ -145,6 +193,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from experiments.compare import run_compare
+
+    metrics = [m.strip() for m in (args.metrics or "").split(",") if m.strip()]
+    result = run_compare(args.source, out=args.out, metrics=metrics or None)
+    header, rows = result.comparison.table()
+    table = Table(title=f"vidlab compare: {result.comparison.title}")
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: {_relative(str(result.report_dir / 'report.md'))} (and report.html)", soft_wrap=True)
+    logged = f"logged to run {result.logged_to} under report/" if result.logged_to else "not logged: no parent run"
+    console.print(logged, soft_wrap=True)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vidlab", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,10 +222,15 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--from-run", metavar="RUN_ID", help="re-run the config.yaml logged by that run")
     fit.add_argument("--resume", metavar="RUN_ID", help="continue that run from its last checkpoint, into the same "
                      "MLflow run (overrides such as trainer.max_steps=... apply)")
+    fit.add_argument("--run-id", metavar="RUN_ID", help="train into this existing MLflow run, created empty by "
+                     "someone else (`vidlab sweep` creates one per arm), instead of a new run")
     fit.set_defaults(func=cmd_fit)
 
     sweep = sub.add_parser("sweep", help="run an ablation grid (resumes: finished arms are skipped)")
     sweep.add_argument("ablation", help="a YAML file such as configs/ablation/demo.yaml")
+    sweep.add_argument("--jobs", "-j", type=int, metavar="N", help="arms at a time, each a `vidlab fit` process "
+                       "with cores // N threads and its log under <output_dir>/sweeps/ (default: the file's "
+                       "'jobs:', else 1, in this process); distributed arms always run alone")
     sweep.set_defaults(func=cmd_sweep)
 
     cache = sub.add_parser("cache-latents", help="encode an experiment's data once (latents + text) for data=latent_cache")
@@ -195,6 +266,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--probe-steps", type=int, default=1000, help="Shapes probe training steps, cached (default: %(default)s)")
     ev.add_argument("--num-videos", type=int, help="with --run: videos to sample (default: the run's setting)")
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser("compare", help="per-arm statistics over seeds, winners, plots and a report for a sweep")
+    cmp.add_argument("source", metavar="PARENT_RUN_ID|EXPERIMENT", help="a sweep's parent run id, an MLflow "
+                     "experiment (every sweep in it) or a sweep name (its newest parent run)")
+    cmp.add_argument("--out", metavar="DIR", help="report folder (default: <output_dir>/reports/<run or experiment>)")
+    cmp.add_argument("--metrics", help="comma list of metric names or patterns such as 'eval/*' (default: all)")
+    cmp.set_defaults(func=cmd_compare)
     return p
 
 

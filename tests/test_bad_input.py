@@ -35,7 +35,7 @@ Config (exit 2, "error: <file or command line>: <key> ...", earlier outputs unto
   ablation: grid key typo stops before any run is written ... test_ablation_grid_typo_stops_before_any_run
   optim.lr <= 0, optim.betas not two, guidance lists not
   numbers: refused at build, before any run ................. test_bad_value_refused_at_build
-  not yet right (strict xfail, owners named in the reason) .. test_ablation_grid_typo_names_the_ablation_file
+  ablation: a grid key typo names the file and the arm ...... test_ablation_grid_typo_names_the_ablation_file
 
 Weights:
   missing text.path, vae.checkpoint (vae=pretrained),
@@ -399,8 +399,6 @@ def test_ablation_grid_typo_stops_before_any_run(tmp_path, out_dir):
     assert not out_dir.exists()  # no MLflow store, no parent run
 
 
-@pytest.mark.xfail(strict=True, reason="experiments/sweep.py composes each arm as 'command line'; the error "
-                                       "should name the ablation file (and the arm)")
 def test_ablation_grid_typo_names_the_ablation_file(tmp_path, out_dir):
     from experiments.sweep import run_sweep
 
