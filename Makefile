@@ -48,8 +48,10 @@ browser:  ## /usr/bin/chromium and /usr/bin/chromedriver (apt: chromium chromium
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; \
 	fi
 
-demo: $(VENV)/.installed  ## the main job: configs/ablation/demo.yaml on Shapes
+demo: $(VENV)/.installed  ## the main job: configs/ablation/demo.yaml on Shapes, then its comparison report
 	$(VENV)/bin/vidlab sweep configs/ablation/demo.yaml
+	$(VENV)/bin/vidlab compare demo
+	@echo "compare the runs in the MLflow UI: make ui   (then http://127.0.0.1:$(PORT))"
 
 smoke: $(VENV)/.installed  ## a tiny model in under a minute
 	$(VENV)/bin/vidlab fit smoke

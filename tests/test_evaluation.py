@@ -315,13 +315,15 @@ def run_out(tmp_path_factory, probe_cache):
 
 @pytest.fixture(scope="module")
 def evaluated_run(run_out):
-    """smoke.yaml at the probe's clip size (8x32x32), FIT_STEPS steps, the evaluation callback on."""
+    """One arm of the demo ablation (configs/ablation/demo.yaml): shapes.yaml (8x32x32, frozen MiniLM
+    captions) with dit_tiny, FIT_STEPS steps, the evaluation callback on."""
     from experiments.config import compose
     from experiments.fit import run_fit
 
     out_dir = run_out
-    composed = compose("smoke", ["data.num_frames=8", "data.height=32", "data.width=32", "data.num_videos=128",
-                                 f"trainer.max_steps={FIT_STEPS}", "optim.lr=2e-3", "checkpoint.every_n_steps=1000"])
+    composed = compose("shapes", ["backbone=dit_tiny", "data.num_videos=128", f"trainer.max_steps={FIT_STEPS}",
+                                  "optim.warmup_steps=30", "checkpoint.every_n_steps=1000", "callbacks.samples=null",
+                                  "callbacks.timestep_loss=null"])
     node = _evaluation_node()
     node["reference"]["root"] = str(out_dir / "data")
     composed.cfg["callbacks"]["evaluation"] = node
@@ -347,11 +349,11 @@ def test_callback_logs_scores_protocol_and_videos_and_scores_rise_with_training(
     assert len(table) == 32 and [r["seed"] for r in table] == list(range(32))
     assert np.mean([r["probe_joint_correct"] for r in table]) == pytest.approx(trained["eval/probe_acc_joint"])
 
-    # the same callback on the untrained model (same seed, same prompts and noise): the generated
-    # videos' probe features are much closer to real clips after training. Measured (AMD EPYC, 150
-    # steps): fvd_probe 48.7k -> 26.6k (and 29.2k with another draw sequence). The accuracies need
-    # more than this tiny model and budget: background went 0.28 -> 0.59 in one draw sequence and
-    # stayed at 0.28 in another; colour, shape and motion stay at chance (also after 450 steps)
+    # the same callback on the untrained model (same seed, same prompts and noise): after training the
+    # probe reads the prompt's background far more often and the generated videos' probe features
+    # are much closer to real clips. At this budget the demo's 4 dit_tiny runs (2 objectives x 2
+    # seeds, `make demo`) reached background accuracy 0.72-0.81 (chance 0.25); colour, shape and
+    # motion need longer training (docs/results.md)
     torch.manual_seed(composed.cfg["seed"])
     untrained = build_system(composed)
     node = _evaluation_node()
@@ -359,8 +361,8 @@ def test_callback_logs_scores_protocol_and_videos_and_scores_rise_with_training(
     callback = instantiate(node, "test")
     before, _, _ = callback.evaluate(untrained, None, "untrained", 0)
     print({k: round(v, 3) for k, v in before.items()}, {k: round(v, 3) for k, v in trained.items()})
-    assert trained["eval/fvd_probe"] < 0.7 * before["fvd_probe"]
-    assert trained["eval/probe_acc_background"] >= before["probe_acc_background"]
+    assert trained["eval/fvd_probe"] < 0.8 * before["fvd_probe"]
+    assert trained["eval/probe_acc_background"] >= max(0.5, before["probe_acc_background"] + 0.2)
 
 
 def test_cli_eval_run_reproduces_the_callback_numbers(evaluated_run):

@@ -213,3 +213,20 @@ def test_ema_under_fsdp2_stays_sharded_and_equals_the_ddp_average(curves, tmp_pa
         path = save_videos(video, [prompt], [0], tmp_path / str(averaged), fps=8, display_scale=4)[0]
         errors[averaged] = (frames(path) - frames(logged)).abs().mean().item()
     assert errors[True] < 0.5 and errors[False] > 20, errors
+
+
+def test_fsdp2_gradient_accumulation_and_clipping_follow_ddp(tmp_path):
+    """2 micro-batches per optimizer step and a clipping norm of 1e-6: FSDP2 must accumulate its
+    sharded gradients and clip by the norm over all shards, so its losses follow DDP's step by step.
+    AdamW's update barely depends on the gradient's scale, except where the scaled gradient falls
+    below its eps (1e-8): clipped to norm 1e-6, each of the 0.6 M gradient entries is ~1e-9, the
+    updates shrink with the clipping factor, and a wrong (e.g. per-shard) norm would show."""
+    out = tmp_path / "outputs"
+    base = ["data.batch_size=1", "trainer.devices=2", "trainer.accumulate_grad_batches=2", "trainer.max_steps=6",
+            NO_SAMPLES]
+    ddp = _fit(out, "ddp_accumulate", *base, "trainer.gradient_clip_val=1e-6", "trainer.strategy=ddp")
+    fsdp = _fit(out, "fsdp_accumulate", *base, "trainer.gradient_clip_val=1e-6", "trainer.strategy=fsdp")
+    assert len(ddp) == len(fsdp) >= 6
+    assert max(abs(a - b) / abs(a) for a, b in zip(ddp, fsdp)) < 1e-4, (ddp, fsdp)
+    unclipped = _fit(out, "ddp_unclipped", *base, "trainer.gradient_clip_val=1e9", "trainer.strategy=ddp")
+    assert max(abs(a - b) / abs(a) for a, b in zip(ddp, unclipped)) > 1e-3, (ddp, unclipped)  # clipping acted
