@@ -120,42 +120,24 @@ def build_generator_system(composed: Composed) -> GeneratorSystem:
     """The LightningModule of a text-to-video generator, carrying its resolved config."""
     cfg = composed.cfg
     parts = build_parts(composed)
-    check_kwargs(OptimConfig, list(cfg["optim"]), _where(composed, "optim"))
-    check_kwargs(GuidanceConfig, list(cfg["guidance"]), _where(composed, "guidance"))
-    try:
-        optim = OptimConfig(**cfg["optim"])
-    except ValueError as exc:  # e.g. optim.nonfinite not stop | skip, optim.lr <= 0
-        raise ConfigError(f"{_where(composed, 'optim')}: {exc}") from exc
-    try:
-        guidance = GuidanceConfig(**cfg["guidance"])
-    except ValueError as exc:  # e.g. guidance.cfg_scales not a list of numbers
-        raise ConfigError(f"{_where(composed, 'guidance')}: {exc}") from exc
     return GeneratorSystem(
         backbone=parts.backbone, vae=parts.vae, text_encoder=parts.text,
-        objective=parts.objective, sampler=parts.sampler,
-        optim=optim, guidance=guidance, config=cfg,
-        parallel=parallel_config(composed), ema=ema_config(composed),
+        objective=parts.objective, sampler=parts.sampler, config=cfg,
+        optim=section(composed, "optim", OptimConfig), guidance=section(composed, "guidance", GuidanceConfig),
+        parallel=section(composed, "parallel", ParallelConfig), ema=section(composed, "ema", EMAConfig),
     )
 
 
-def ema_config(composed: Composed) -> EMAConfig:
-    """The ``ema`` section (modules/ema.py), checked."""
-    node = composed.cfg.get("ema") or {}
-    check_kwargs(EMAConfig, list(node), _where(composed, "ema"))
+def section(composed: Composed, key: str, cls: type) -> Any:
+    """The dataclass ``cls`` built from the config section ``key`` (absent: its defaults); an unknown
+    field names the nearest one, a value ``cls`` refuses (its ValueError, e.g. optim.lr <= 0) names
+    the section."""
+    node = composed.cfg.get(key) or {}
+    check_kwargs(cls, list(node), _where(composed, key))
     try:
-        return EMAConfig(**node)
+        return cls(**node)
     except ValueError as exc:
-        raise ConfigError(f"{_where(composed, 'ema')}: {exc}") from exc
-
-
-def parallel_config(composed: Composed) -> ParallelConfig:
-    """The ``parallel`` section (modules/parallel.py), checked."""
-    node = composed.cfg.get("parallel") or {}
-    check_kwargs(ParallelConfig, list(node), _where(composed, "parallel"))
-    try:
-        return ParallelConfig(**node)
-    except ValueError as exc:
-        raise ConfigError(f"{_where(composed, 'parallel')}: {exc}") from exc
+        raise ConfigError(f"{_where(composed, key)}: {exc}") from exc
 
 
 def build_autoencoder_system(composed: Composed) -> AutoencoderSystem:
