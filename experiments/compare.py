@@ -135,7 +135,19 @@ class Verdict:
         return f"{self.winner} wins ({self.reason})" if self.winner else self.reason
 
 
-def judge(metric: str, summaries: dict[str, Summary]) -> Verdict:
+# losses in the objective's own units: a flow and a diffusion loss (or two weightings) are different
+# numbers for the same model, so no winner across arms whose objectives differ (docs/results.md)
+OBJECTIVE_UNITS = ("train/loss*", "val/loss*")
+
+
+def objectives_differ(arms: Sequence["ArmRuns"]) -> bool:
+    """Some axis of the sweep sets the objective (``objective`` or an ``objective.*`` key) and the
+    arms do not all share its value."""
+    keys = {k for arm in arms for k in arm.axes if k == "objective" or k.startswith("objective.")}
+    return any(len({arm.axes.get(k) for arm in arms}) > 1 for k in keys)
+
+
+def judge(metric: str, summaries: dict[str, Summary], objectives_differ: bool = False) -> Verdict:
     """Name the arm whose interval is disjoint from, and better than, every other arm's; else none.
 
     Disjoint intervals, not a difference of means: with a handful of seeds, a gap smaller than
@@ -145,6 +157,8 @@ def judge(metric: str, summaries: dict[str, Summary]) -> Verdict:
     better = direction(metric)
     if better is None:
         return Verdict(None, None, "direction unknown: no winner named")
+    if objectives_differ and any(fnmatch.fnmatchcase(metric, p) for p in OBJECTIVE_UNITS):
+        return Verdict(better, None, "not comparable across objectives: no winner named")
     if len(summaries) < 2:
         return Verdict(better, None, "only one arm has it")
     few = [arm for arm, s in summaries.items() if s.n < 2]
@@ -384,7 +398,7 @@ def compare(client: MlflowClient, source: str, metrics: Sequence[str] | None = N
             constants[metric] = {arm: tuple(v) for arm, v in per_arm.items()}
         elif per_arm:
             summaries[metric] = {arm: summarize(v, bootstrap) for arm, v in per_arm.items()}
-            verdicts[metric] = judge(metric, summaries[metric])
+            verdicts[metric] = judge(metric, summaries[metric], objectives_differ(arms))
     if not src.parent_run_id:
         notes.append("an experiment has no single parent run: the report is written to disk only")
     return Comparison(src.title, source, src.experiment, src.parent_run_id, arms, summaries, verdicts,

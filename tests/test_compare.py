@@ -175,6 +175,11 @@ def test_winner_only_where_intervals_separate():
     assert unknown.winner is None and "direction unknown" in unknown.reason
     single = judge("eval/fvd", {"a": low, "b": summarize([0.9])})  # a zero-width interval proves nothing
     assert single.winner is None and "fewer than 2 runs" in single.reason
+    assert judge("train/loss", {"a": low, "b": mid}).winner == "a"  # one objective: comparable
+    for metric in ("train/loss", "val/loss_t0.0625"):  # in the objective's own units
+        across = judge(metric, {"a": low, "b": mid}, objectives_differ=True)
+        assert across.winner is None and "not comparable across objectives" in across.reason
+    assert judge("eval/x0_mse", {"a": low, "b": mid}, objectives_differ=True).winner == "a"
 
 
 def test_compare_a_finished_sweep(store):
@@ -198,6 +203,7 @@ def test_compare_a_finished_sweep(store):
     assert c.verdicts["eval/x0_mse"].winner == label(RF)  # lower is better
     assert c.verdicts["val/psnr"].winner == label(V)  # higher is better
     assert c.verdicts["eval/probe_acc_joint"].winner is None
+    assert "not comparable across objectives" in c.verdicts["train/loss"].reason  # the arms' axis is the objective
     assert c.verdicts["eval/probe_acc_joint"].reason == "no separation"
     assert c.verdicts["custom/score"].winner is None
     assert "model/params_total" not in c.summaries and "model/params_total" not in c.verdicts
