@@ -1,5 +1,5 @@
 """``vidlab``: fit an experiment (a generator, or an autoencoder with task: autoencoder), sweep an
-ablation, cache latents, sample from a trained run, evaluate videos or a run."""
+ablation, cache latents, sample from a trained run, evaluate videos or a run, compare a sweep's arms."""
 
 from __future__ import annotations
 
