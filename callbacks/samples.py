@@ -8,7 +8,6 @@ them (H.264, yuv420p, faststart).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np

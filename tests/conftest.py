@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextmanager
+def output_dir_at(out: Path) -> Iterator[Path]:
+    """``VIDLAB_OUTPUT_DIR`` = ``out`` and ``MLFLOW_TRACKING_URI`` unset inside the block: what `out_dir`
+    does, for module-scoped fixtures (pytest's ``monkeypatch`` fixture is per test)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VIDLAB_OUTPUT_DIR", str(out))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield out
 
 
 @pytest.fixture

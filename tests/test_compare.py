@@ -24,6 +24,7 @@ from experiments import cli
 from experiments.compare import Bootstrap, compare, direction, judge, run_compare, summarize
 from experiments.config import ConfigError
 from experiments.tracking import experiment_id, tracking_uri
+from conftest import output_dir_at
 
 CFG = {"tracking": {"experiment": "vidlab"}}  # the default experiment, in the out_dir store
 RF, LOGNORM, V = "rectified_flow", "rectified_flow_lognorm", "diffusion_v"
@@ -104,9 +105,7 @@ def store(tmp_path_factory) -> Iterator[Store]:
     """One MLflow store for this file's tests (a fresh SQLite store costs ~6 s to create); a test that
     adds runs puts them in its own MLflow experiment, so the others' expectations hold in any order."""
     root = tmp_path_factory.mktemp("compare")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VIDLAB_OUTPUT_DIR", str(root / "outputs"))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with output_dir_at(root / "outputs"):
         client = MlflowClient(tracking_uri(CFG))
         exp = experiment_id(CFG)
         videos = write_videos(root / "videos")

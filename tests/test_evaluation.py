@@ -18,7 +18,7 @@ from scipy import linalg
 
 from callbacks.evaluation import shard, unshard
 from callbacks.samples import save_videos
-from conftest import PROBE_ARGS
+from conftest import PROBE_ARGS, output_dir_at
 from datamodules.digest import tensor_digest
 from eval.fvd import FVDProtocol
 from eval.probe import cached_probe, probe_features, probe_scores, render_set
@@ -307,9 +307,7 @@ def run_out(tmp_path_factory, probe_cache):
 
     out = tmp_path_factory.mktemp("eval_fit") / "outputs"
     shutil.copytree(probe_cache, out / "eval" / "probes")
-    with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("VIDLAB_OUTPUT_DIR", str(out))
-        mpatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with output_dir_at(out):
         yield out
 
 

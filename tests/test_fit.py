@@ -18,15 +18,14 @@ from experiments.config import compose
 from experiments.fit import run_fit
 from experiments.sample import load_system
 from experiments.tracking import tracking_uri
+from conftest import output_dir_at
 
 
 @pytest.fixture(scope="module")
 def module_out(tmp_path_factory):
     """One output folder (and MLflow store) for the whole module: the smoke fit runs once."""
     out = tmp_path_factory.mktemp("fit") / "outputs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VIDLAB_OUTPUT_DIR", str(out))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with output_dir_at(out):
         yield out
 
 

@@ -21,6 +21,7 @@ from experiments.config import compose
 from experiments.fit import run_fit
 from experiments.tracking import tracking_uri
 from modules.system import GeneratorSystem, GuidanceConfig
+from conftest import output_dir_at
 
 # identity VAE with patch 2, so a latent (12, 4, 8, 8) is not the clip (3, 4, 16, 16) itself
 OVERRIDES = ["vae.patch=2", "callbacks.samples=null"]
@@ -30,9 +31,7 @@ REBUILD = "vidlab cache-latents EXPERIMENT [overrides]"
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("latent_cache") / "outputs"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VIDLAB_OUTPUT_DIR", str(out))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with output_dir_at(out):
         yield out
 
 

@@ -16,6 +16,7 @@ from experiments.cli import main
 from experiments.config import ConfigError, compose
 from experiments.fit import run_fit
 from experiments.tracking import local_uri, server_problem, tracking_uri
+from conftest import output_dir_at
 
 
 def _closed_port() -> int:
@@ -54,9 +55,7 @@ def test_fallback_logs_locally_and_tags_the_run(out_dir):
 def recorded_run(tmp_path_factory):
     """One smoke fit of 4 steps (samples at the end) into its own store, shared by the tests below."""
     out = tmp_path_factory.mktemp("tracking") / "outputs"
-    with pytest.MonkeyPatch.context() as mpatch:
-        mpatch.setenv("VIDLAB_OUTPUT_DIR", str(out))
-        mpatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with output_dir_at(out):
         composed = compose("smoke", ["trainer.max_steps=4", "callbacks.samples.every_n_steps=0",
                                      "callbacks.timestep_loss=null", "data.num_videos=8"])
         result = run_fit(composed)

@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import pytest
 from mlflow.tracking import MlflowClient
+from conftest import output_dir_at
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -109,9 +110,7 @@ def ui(tmp_path_factory) -> Any:
     try:
         ablation = root / "ui.yaml"
         ablation.write_text(ABLATION)
-        with pytest.MonkeyPatch.context() as mpatch:
-            mpatch.setenv("VIDLAB_OUTPUT_DIR", str(out))
-            mpatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with output_dir_at(out):
             results = run_sweep(ablation)
         assert [r.status for r in results] == ["FINISHED", "FINISHED"]
         if proc.poll() is not None:
