@@ -184,6 +184,11 @@ def trainer_kwargs(composed: Composed) -> dict[str, Any]:
     becomes `modules.parallel.FSDP2Strategy` (``ddp`` and Lightning's other names pass through)."""
     kwargs = dict(composed.cfg["trainer"])
     check_kwargs(L.Trainer.__init__, list(kwargs), _where(composed, "trainer"))
+    optim = composed.cfg.get("optim") or {}
+    schedule, max_steps = optim.get("schedule", "constant"), kwargs.get("max_steps", -1)
+    if schedule != "constant" and not (isinstance(max_steps, int) and max_steps > optim.get("warmup_steps", 0)):
+        raise ConfigError(f"{_where(composed, 'optim')}: optim.schedule: {schedule} decays over trainer.max_steps, "
+                          f"which must be set and exceed optim.warmup_steps; got trainer.max_steps = {max_steps}")
     if kwargs.get("strategy") == "fsdp":
         if composed.cfg.get("task") == "autoencoder":
             raise ConfigError(f"{_where(composed, 'trainer')}: strategy fsdp shards a generator's backbone blocks; "

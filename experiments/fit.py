@@ -51,6 +51,7 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
     datamodule = build_datamodule(  # the latent cache checks its fingerprint against the system's parts
         composed, vae=getattr(system, "vae", None), text_encoder=getattr(system, "text_model", None))
     callbacks = build_callbacks(composed)
+    kwargs = trainer_kwargs(composed)  # its ConfigErrors come before anything is written
 
     preset_tags = {f"vidlab.preset.{group}": name for group, name in composed.presets.items()}
     if global_rank() == 0:
@@ -75,7 +76,6 @@ def run_fit(composed: Composed, run_id: str | None = None, tags: dict[str, str] 
         every_n_train_steps=cfg["checkpoint"]["every_n_steps"], save_top_k=cfg["checkpoint"]["keep_last"],
         monitor="step", mode="max", save_last=True,
     )
-    kwargs = trainer_kwargs(composed)
     sharded = isinstance(kwargs.get("strategy"), FSDP2Strategy)  # torch.distributed.checkpoint writes the shards
     trainer = L.Trainer(
         **kwargs, logger=logger, callbacks=[*callbacks, RunRecord(cfg, resume), ResumeState(), checkpoint],

@@ -41,6 +41,7 @@ from modules.vaes.losses import (
 log = logging.getLogger("vidlab.train")
 
 NONFINITE_CHOICES = ("stop", "skip")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,7 +51,9 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class OptimConfig:
-    """AdamW with a linear warm-up to ``lr`` over ``warmup_steps``, constant after.
+    """AdamW with a linear warm-up to ``lr`` over ``warmup_steps``, then ``schedule``: ``constant``,
+    or ``cosine`` / ``linear`` decay from ``lr`` to ``min_lr_ratio · lr`` at ``trainer.max_steps``
+    (`lr_schedule`).
 
     ``nonfinite``: what a step does whose loss or gradients are NaN/Inf on any rank (generator
     training): ``stop`` raises `NonFiniteLossError`; ``skip`` leaves the weights and the optimizer
@@ -61,6 +64,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] | list[float] = (0.9, 0.999)
     warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
@@ -71,6 +76,10 @@ class OptimConfig:
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError(f"optim.weight_decay and optim.warmup_steps must be >= 0, got {self.weight_decay!r} "
                              f"and {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {' | '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         betas = list(self.betas)
         if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas!r}")
@@ -84,10 +93,32 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     return torch.stack([torch.isfinite(t).all().to(local[0].device) for t in local]).all()
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr · min(1, (step + 1) / (warmup_steps + 1)): linear warm-up, constant after (stepped per step)."""
-    warmup = max(int(warmup_steps), 0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The factor on ``lr`` at optimizer step s (stepped once per step), with w = ``warmup_steps``,
+    S = ``total_steps`` and m = ``min_lr_ratio``:
+
+        s < w:   (s + 1) / (w + 1)                                    linear warm-up
+        after:   constant 1, or with p = min(1, (s − w) / (S − w)):
+                 cosine  m + (1 − m)·(1 + cos(π·p)) / 2               (Loshchilov & Hutter 2017, SGDR eq. 5)
+                 linear  m + (1 − m)·(1 − p)
+
+    A decaying schedule needs a finite ``total_steps`` (``trainer.max_steps``) greater than w."""
+    warmup = max(int(cfg.warmup_steps), 0)
+    if cfg.schedule != "constant" and not total_steps > warmup:
+        raise ValueError(
+            f"optim.schedule: {cfg.schedule} decays over trainer.max_steps, which must be set and exceed "
+            f"optim.warmup_steps ({warmup}); got trainer.max_steps = {total_steps}"
+        )
+    floor = cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup or cfg.schedule == "constant":
+            return min(1.0, (step + 1) / (warmup + 1))
+        p = min(1.0, (step - warmup) / (total_steps - warmup))
+        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if cfg.schedule == "cosine" else 1.0 - p
+        return floor + (1.0 - floor) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
@@ -321,7 +352,7 @@ class GeneratorSystem(L.LightningModule):
         opt = torch.optim.AdamW(
             params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
         )
-        schedule = warmup_schedule(opt, self.optim.warmup_steps)
+        schedule = lr_schedule(opt, self.optim, self.trainer.max_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -526,7 +557,7 @@ class AutoencoderSystem(L.LightningModule):
         optimizers = [opt_g]
         if self.discriminator is not None:
             optimizers.append(adamw(self.discriminator.parameters(), self.loss_cfg.disc_lr or self.optim.lr))
-        schedulers = [warmup_schedule(opt, self.optim.warmup_steps) for opt in optimizers]
+        schedulers = [lr_schedule(opt, self.optim, self.trainer.max_steps) for opt in optimizers]
         return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
