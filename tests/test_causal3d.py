@@ -90,10 +90,11 @@ def test_shapes(frames):
         assert model.decode(z).shape == (2, 3, frames, H, W)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["wan21", "wan22_residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("frames", [1, 5, 9, 17])
-def test_chunked_equals_one_shot(frames, dtype):
-    model = tiny(dtype)
+def test_chunked_equals_one_shot(frames, dtype, residual):
+    model = tiny(dtype, residual=residual)
     x = video(frames, dtype, batch=2)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     with torch.no_grad():
@@ -102,13 +103,14 @@ def test_chunked_equals_one_shot(frames, dtype):
         torch.testing.assert_close(q_chunk.logvar, q_one.logvar, atol=tol, rtol=0)
         z = torch.randn(q_one.mean.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(model.decode_raw(z, chunked=True), model.decode_raw(z), atol=tol, rtol=0)
-        chunked = tiny(dtype, chunked=True)  # the constructor flag drives encode / decode
+        chunked = tiny(dtype, chunked=True, residual=residual)  # the constructor flag drives encode / decode
         torch.testing.assert_close(chunked.encode(x), model.encode(x), atol=tol, rtol=0)
         torch.testing.assert_close(chunked.decode(z), model.decode(z), atol=tol, rtol=0)
 
 
-def test_chunked_gradients_equal_one_shot():
-    model = tiny(torch.float64)
+@pytest.mark.parametrize("residual", [False, True], ids=["wan21", "wan22_residual"])
+def test_chunked_gradients_equal_one_shot(residual):
+    model = tiny(torch.float64, residual=residual)
     x = video(9, torch.float64).requires_grad_()
     grads = []
     for chunked in (False, True):
@@ -118,9 +120,10 @@ def test_chunked_gradients_equal_one_shot():
     torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["wan21", "wan22_residual"])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_encoder_is_causal(chunked):
-    model = tiny(torch.float64)
+def test_encoder_is_causal(chunked, residual):
+    model = tiny(torch.float64, residual=residual)
     x = video(13, torch.float64)
     with torch.no_grad():
         base = model.posterior(x, chunked=chunked).mean
@@ -133,9 +136,10 @@ def test_encoder_is_causal(chunked):
             assert (z[:, :, k] - base[:, :, k]).abs().max() > 1e-6, f"frame {j} must reach latent frame {k}"
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["wan21", "wan22_residual"])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_decoder_is_causal(chunked):
-    model = tiny(torch.float64)
+def test_decoder_is_causal(chunked, residual):
+    model = tiny(torch.float64, residual=residual)
     z = torch.randn(1, 4, 4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         base = model.decode_raw(z, chunked=chunked)
@@ -248,3 +252,39 @@ def test_same_function_as_diffusers_wan():
     with torch.no_grad():  # diffusers always runs chunked; it clamps its decoded video to [-1, 1]
         torch.testing.assert_close(ours.moments(x), theirs._encode(x), atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.decode_raw(z).clamp(-1, 1), theirs.decode(z).sample, atol=1e-5, rtol=0)
+
+
+def diffusers_residual_to_ours(key: str) -> str:
+    """A diffusers AutoencoderKLWan(is_residual=True) key -> the CausalVAE3d(residual=True) key (one
+    stage module per level: ``down.i.res.j``, ``down.i.resample``, ``up.i.res.j``, ``up.i.resample``)."""
+    key = re.sub(r"^quant_conv\.", "encoder.quant.", key)
+    key = re.sub(r"^post_quant_conv\.", "decoder.post_quant.", key)
+    for old, new in [("resample.1.", "spatial."), ("conv_shortcut.", "shortcut."),
+                     ("mid_block.resnets.0.", "mid.res1."), ("mid_block.resnets.1.", "mid.res2."),
+                     ("mid_block.attentions.0.", "mid.attn."), ("to_qkv.", "qkv.")]:
+        key = key.replace(old, new)
+    key = re.sub(r"(down|up)_blocks\.(\d+)\.resnets\.", r"\1.\2.res.", key)
+    key = re.sub(r"down_blocks\.(\d+)\.downsampler\.", r"down.\1.resample.", key)
+    return re.sub(r"up_blocks\.(\d+)\.upsampler\.", r"up.\1.resample.", key)
+
+
+def test_residual_is_the_same_function_as_diffusers_wan22():
+    """residual=True against diffusers' AutoencoderKLWan(is_residual=True) (Wan 2.2's VAE layout,
+    without its 2×2 patchify) with the same weights: one-shot and chunked, encode and decode."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    theirs = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                        is_residual=True).eval()
+    ours = tiny(residual=True)
+    own = ours.state_dict()
+    converted = {diffusers_residual_to_ours(k): v for k, v in theirs.state_dict().items()}
+    assert set(own) - set(converted) == {"latent_mean", "latent_std"} and set(converted) <= set(own)
+    ours.load_state_dict({k: v.reshape(own[k].shape) for k, v in converted.items()}, strict=False)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    x = video(9)
+    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for chunked in (False, True):
+            torch.testing.assert_close(ours.moments(x, chunked), theirs._encode(x), atol=1e-5, rtol=0)
+            decoded = ours.decode_raw(z, chunked).clamp(-1, 1)
+            torch.testing.assert_close(decoded, theirs.decode(z).sample, atol=1e-5, rtol=0)

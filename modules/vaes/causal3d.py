@@ -208,18 +208,114 @@ class MidBlock(nn.Module):
         return self.res2(x, cache)
 
 
+def _fold(x: Tensor, ft: int, fs: int) -> Tensor:
+    """(B, C, T, H, W) -> (B, C·ft·fs·fs, T/ft, H/fs, W/fs): each channel's (ft, fs, fs) neighbourhood
+    becomes ft·fs² consecutive channels (space- and time-to-channel)."""
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * ft * fs * fs, t // ft, h // fs, w // fs)
+
+
+def _unfold(x: Tensor, ft: int, fs: int) -> Tensor:
+    """Inverse of `_fold`: (B, C·ft·fs·fs, T, H, W) -> (B, C, T·ft, H·fs, W·fs)."""
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c // (ft * fs * fs), ft, fs, fs, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c // (ft * fs * fs), t * ft, h * fs, w * fs)
+
+
+class AverageDown(nn.Module):
+    """Wan 2.2's parameter-free shortcut around a downsampling stage (after DC-AE's space-to-channel
+    residual, Chen et al. 2024, arXiv:2410.10733 §3.2): fold each (ft, fs, fs) neighbourhood into
+    channels, then average groups of ``in·ft·fs²/out`` channels. Time is padded in front to a multiple
+    of ``ft``, so frame 0 (with one zero frame) is a group of its own, as in the main path; later
+    chunks are multiples of ``ft``. (B, in, T, H, W) -> (B, out, ⌈T/ft⌉, H/fs, W/fs)."""
+
+    def __init__(self, in_dim: int, out_dim: int, ft: int, fs: int) -> None:
+        super().__init__()
+        if (in_dim * ft * fs * fs) % out_dim:
+            raise ValueError(f"AverageDown: {in_dim}·{ft}·{fs}² channels do not split into {out_dim} groups")
+        self.out_dim, self.ft, self.fs = out_dim, ft, fs
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.pad(x, (0, 0, 0, 0, (-x.shape[2]) % self.ft, 0))  # zeros in front: (B, C, ft·k, H, W)
+        x = _fold(x, self.ft, self.fs)  # (B, C·ft·fs², T/ft, H/fs, W/fs)
+        return x.unflatten(1, (self.out_dim, -1)).mean(2)  # (B, out, T/ft, H/fs, W/fs)
+
+
+class DuplicateUp(nn.Module):
+    """The decoder's mirror of `AverageDown` (Wan 2.2, DC-AE): repeat each channel ``out·ft·fs²/in``
+    times, unfold channels into (ft, fs, fs) neighbourhoods, and on the first chunk drop the
+    ``ft − 1`` frames before frame 0. (B, in, T, H, W) -> (B, out, T·ft [− ft + 1], H·fs, W·fs)."""
+
+    def __init__(self, in_dim: int, out_dim: int, ft: int, fs: int) -> None:
+        super().__init__()
+        if (out_dim * ft * fs * fs) % in_dim:
+            raise ValueError(f"DuplicateUp: {out_dim}·{ft}·{fs}² channels are not a multiple of {in_dim}")
+        self.repeats, self.ft, self.fs = out_dim * ft * fs * fs // in_dim, ft, fs
+
+    def forward(self, x: Tensor, first: bool) -> Tensor:
+        x = _unfold(x.repeat_interleave(self.repeats, dim=1), self.ft, self.fs)  # (B, out, T·ft, H·fs, W·fs)
+        return x[:, :, self.ft - 1 :] if first else x
+
+
+class ResidualDownStage(nn.Module):
+    """One encoder level with Wan 2.2's shortcut: ResBlocks → [Downsample], plus `AverageDown` of the
+    stage input. (B, in, T, H, W) -> (B, out, T', H', W')."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, down: bool, temporal: bool) -> None:
+        super().__init__()
+        self.res = nn.ModuleList([ResBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks)])
+        self.resample = Downsample(out_dim, temporal) if down else None
+        self.shortcut = AverageDown(in_dim, out_dim, 2 if temporal else 1, 2 if down else 1)
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        h = x
+        for block in self.res:
+            h = block(h, cache)
+        if self.resample is not None:
+            h = self.resample(h, cache)
+        return h + self.shortcut(x)
+
+
+class ResidualUpStage(nn.Module):
+    """One decoder level with Wan 2.2's shortcut: ResBlocks → [Upsample keeping the width], plus
+    `DuplicateUp` of the stage input. (B, in, T, H, W) -> (B, out, T', H', W')."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, up: bool, temporal: bool) -> None:
+        super().__init__()
+        self.res = nn.ModuleList([ResBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(num_res_blocks + 1)])
+        self.resample = Upsample(out_dim, out_dim, temporal) if up else None
+        self.shortcut = DuplicateUp(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        first = cache is None or not cache.get(self, False)  # frame 0 is in this call
+        if cache is not None:
+            cache[self] = True
+        h = x
+        for block in self.res:
+            h = block(h, cache)
+        if self.resample is None:
+            return h
+        return self.resample(h, cache) + self.shortcut(x, first)
+
+
 class Encoder3d(nn.Module):
     """video (B, 3, T, H, W) -> moments (B, 2·z_dim, T', H', W') = [mean, logvar] (Wan ``Encoder3d``
     followed by ``conv1``, its 1×1×1 "quant" conv). Widths ``base·[1] + base·mults``; level i has
-    ``num_res_blocks`` ResBlocks, then (except the last) a Downsample, temporal where asked."""
+    ``num_res_blocks`` ResBlocks, then (except the last) a Downsample, temporal where asked.
+    ``residual``: each level is a `ResidualDownStage` (Wan 2.2)."""
 
     def __init__(self, in_channels: int, base: int, mults: Sequence[int], num_res_blocks: int,
-                 temporal: Sequence[bool], z_dim: int, attention: bool) -> None:
+                 temporal: Sequence[bool], z_dim: int, attention: bool, residual: bool = False) -> None:
         super().__init__()
         dims = [base * m for m in [1, *mults]]
         self.conv_in = CausalConv3d(in_channels, dims[0], 3)
         layers: list[nn.Module] = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            last = i == len(mults) - 1
+            if residual:  # one stage module per level (Wan 2.2)
+                layers.append(ResidualDownStage(in_dim, out_dim, num_res_blocks, not last, not last and temporal[i]))
+                continue
             for _ in range(num_res_blocks):
                 layers.append(ResBlock(in_dim, out_dim))
                 in_dim = out_dim
@@ -243,10 +339,10 @@ class Decoder3d(nn.Module):
     """raw latents (B, z_dim, T', H', W') -> video (B, out_channels, T, H, W) (Wan ``conv2``, the
     1×1×1 "post-quant" conv, then ``Decoder3d``). Widths mirror the encoder; level i has
     ``num_res_blocks + 1`` ResBlocks, then (except the last) an Upsample that halves the width, as
-    in Wan 2.1."""
+    in Wan 2.1. ``residual``: each level is a `ResidualUpStage` (Wan 2.2)."""
 
     def __init__(self, out_channels: int, base: int, mults: Sequence[int], num_res_blocks: int,
-                 temporal: Sequence[bool], z_dim: int, attention: bool) -> None:
+                 temporal: Sequence[bool], z_dim: int, attention: bool, residual: bool = False) -> None:
         super().__init__()
         dims = [base * m for m in [mults[-1], *mults[::-1]]]
         self.post_quant = CausalConv3d(z_dim, z_dim, 1)
@@ -254,6 +350,10 @@ class Decoder3d(nn.Module):
         self.mid = MidBlock(dims[0], attention)
         layers: list[nn.Module] = []
         for i, out_dim in enumerate(dims[1:]):
+            last = i == len(mults) - 1
+            if residual:  # one stage module per level, the Upsample keeps the width (Wan 2.2)
+                layers.append(ResidualUpStage(dims[i], out_dim, num_res_blocks, not last, not last and temporal[i]))
+                continue
             in_dim = dims[i] if i == 0 else dims[i] // 2
             for _ in range(num_res_blocks + 1):
                 layers.append(ResBlock(in_dim, out_dim))
@@ -280,6 +380,10 @@ class CausalVAE3d(LatentAutoencoder):
     ``chunked=True`` makes ``posterior`` / ``decode_raw`` run with a feature cache (encode: frame 0,
     then chunks of ``r_t`` frames; decode: one latent frame at a time): the same function, memory
     flat in video length. Both methods also take ``chunked=`` to override it per call.
+
+    ``residual=True`` is Wan 2.2's VAE layout (diffusers' ``is_residual``): every level adds a
+    parameter-free space-to-channel shortcut (`AverageDown` / `DuplicateUp`) around its ResBlocks
+    and resampling, and decoder levels keep their width through the Upsample.
     """
 
     causal = True
@@ -294,6 +398,7 @@ class CausalVAE3d(LatentAutoencoder):
         mid_attention: bool = True,
         in_channels: int = 3,
         chunked: bool = False,
+        residual: bool = False,
     ) -> None:
         mults, temporal = list(channel_mults), [bool(t) for t in temporal_downsample]
         if len(temporal) != len(mults) - 1:
@@ -305,8 +410,8 @@ class CausalVAE3d(LatentAutoencoder):
         super().__init__(latent_channels, (2 ** sum(temporal), spatial, spatial))
         self.in_channels, self.chunked = in_channels, chunked
         args = (base_width, mults, num_res_blocks)
-        self.encoder = Encoder3d(in_channels, *args, temporal, latent_channels, mid_attention)
-        self.decoder = Decoder3d(in_channels, *args, temporal[::-1], latent_channels, mid_attention)
+        self.encoder = Encoder3d(in_channels, *args, temporal, latent_channels, mid_attention, residual)
+        self.decoder = Decoder3d(in_channels, *args, temporal[::-1], latent_channels, mid_attention, residual)
 
     def moments(self, video: Tensor, chunked: bool | None = None) -> Tensor:
         """video (B, C, 1 + k·r_t, H, W) -> [mean, logvar] (B, 2·latent_channels, 1 + k, H', W')."""
