@@ -1,5 +1,5 @@
-"""Causal 3D VAE (configs/vae/causal3d_4x8x8.yaml: Wan 2.1 layout at a small width, mid attention,
-16 latent channels): chunked memory, chunked == one-shot, and speed against diffusers'
+"""Causal 3D VAE (configs/vae/causal3d_4x8x8.yaml: Wan 2.2's residual layout at a small width, mid
+attention, 16 latent channels): chunked memory, chunked == one-shot, and speed against diffusers'
 `AutoencoderKLWan` of the same widths. CPU fp32.
 
     python benchmarks/vaes.py [--rounds 5] [--threads 2] [--size 128] [--memory-repeats 3]
@@ -97,14 +97,15 @@ def measure_memory(frames: int, size: int, threads: int, chunked: bool, repeats:
 
 
 def diffusers_wan(preset: dict) -> nn.Module:
-    """diffusers' Wan 2.1 VAE with our preset's base width, multipliers, ResBlocks per level,
-    temporal downsampling and latent channels (mid attention is always on in both)."""
+    """diffusers' Wan VAE with our preset's base width, multipliers, ResBlocks per level, temporal
+    downsampling, latent channels and layout (``residual`` = their ``is_residual``, Wan 2.2; mid
+    attention is always on in both)."""
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan(
         base_dim=preset["base_width"], dim_mult=list(preset["channel_mults"]),
         num_res_blocks=preset["num_res_blocks"], temperal_downsample=list(preset["temporal_downsample"]),
-        z_dim=preset["latent_channels"],
+        z_dim=preset["latent_channels"], is_residual=bool(preset.get("residual", False)),
     ).eval()
 
 

@@ -121,6 +121,12 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def max_steps(module: L.LightningModule) -> int:
+    """``trainer.max_steps`` of the Trainer ``module`` is attached to; −1 (no limit) outside one."""
+    trainer = module._trainer
+    return trainer.max_steps if trainer is not None else -1
+
+
 @dataclass
 class GuidanceConfig:
     """Classifier-free guidance (Ho & Salimans 2022): caption dropout in training, scale at sampling.
@@ -352,7 +358,7 @@ class GeneratorSystem(L.LightningModule):
         opt = torch.optim.AdamW(
             params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
         )
-        schedule = lr_schedule(opt, self.optim, self.trainer.max_steps)
+        schedule = lr_schedule(opt, self.optim, max_steps(self))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -557,7 +563,7 @@ class AutoencoderSystem(L.LightningModule):
         optimizers = [opt_g]
         if self.discriminator is not None:
             optimizers.append(adamw(self.discriminator.parameters(), self.loss_cfg.disc_lr or self.optim.lr))
-        schedulers = [lr_schedule(opt, self.optim, self.trainer.max_steps) for opt in optimizers]
+        schedulers = [lr_schedule(opt, self.optim, max_steps(self)) for opt in optimizers]
         return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
