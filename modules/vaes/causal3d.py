@@ -19,7 +19,8 @@ Causality holds because
   temporal upsampling keeps frame 0 alone and turns each later frame into 2 (Wan's ``time_conv``).
 
 With the Wan preset the network is the same function as diffusers' ``AutoencoderKLWan`` (Wan 2.1,
-``is_residual=False``); tests/test_causal3d.py loads its weights and compares. On CPU the
+``is_residual=False``), and with ``residual=True`` the same as its Wan 2.2 layout (``is_residual=True``,
+without the 2×2 patchify); tests/test_causal3d.py loads its weights and compares. On CPU the
 convolutions run oneDNN in channels-last-3d (`Conv3d`), which makes the chunked pass several times
 faster than PyTorch's default kernel choice for few-frame chunks.
 """
