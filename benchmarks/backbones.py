@@ -4,8 +4,8 @@
 Both: dim 384 = 6 heads x 64, FFN 1536 (GELU-tanh), 6 layers, patch (1, 2, 2), QK-norm, 3D RoPE,
 16 latent channels, latent (16, 5, 16, 16) = 320 tokens per sample, batch 4, 16 text tokens of width
 384. One step = forward + MSE loss + backward + AdamW (the same `torch.optim.AdamW(fused=True)` for
-both; the per-parameter for-loop AdamW costs ~3x more on CPU for either model). Steps of the two
-models alternate (ours first in even rounds, theirs first in odd ones) after warm-up, so drifts of
+both; the per-parameter for-loop AdamW costs ~3x more on CPU for either model). Steps of the
+models alternate (each goes first in turn) after warm-up, so drifts of
 machine speed hit both alike; the speed ratio is the median over rounds of the paired ratios.
 
 The two compute the same function: `tests/test_dit.py::test_same_function_as_diffusers_wan_transformer`
@@ -20,7 +20,11 @@ minutes this pairing cancels the drift, as the alternation does for the speed ra
 `dit_mfu_vs_best_peak` is the stricter figure: the median step over the best matmul rate seen at any
 moment of the run (before, during or after the rounds).
 
-    python benchmarks/backbones.py [--rounds 20] [--warmup 3] [--threads 2]
+    python benchmarks/backbones.py [--rounds 20] [--warmup 3] [--threads 2] [--compile]
+
+`--compile` adds a third arm, our DiT as `parallel.compile: true` builds it (each block through
+`torch.compile`, same weights), and prints `dit_compiled_vs_diffusers` and `dit_compiled_mfu`; it first
+spends a few minutes compiling.
 
 Prints `name: value` lines: `dit_vs_diffusers` (their step time / ours, target >= 1.1) with the
 quartiles of the per-round ratios, `dit_mfu` (target >= 0.60), `diffusers_mfu`,
@@ -30,6 +34,7 @@ quartiles of the per-round ratios, `dit_mfu` (target >= 0.60), `diffusers_mfu`,
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from experiments.build import instantiate
 from experiments.config import REPO_CONFIGS, load_yaml
 from modules.conditioning import Conditioning
+from modules.parallel import ParallelConfig, parallelize
 
 BATCH, CHANNELS, LATENT, TEXT_LEN, TEXT_DIM = 4, 16, (5, 16, 16), 16, 384
 PRESET = REPO_CONFIGS / "backbone" / "dit_bench.yaml"
@@ -84,6 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time our DiT with every block compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -104,6 +111,10 @@ def main() -> None:
             torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True),
         ),
     }
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        parallelize(compiled, None, ParallelConfig(compile=True))
+        models["dit_compiled"] = (lambda: compiled(x, t, cond), torch.optim.AdamW(compiled.parameters(), lr=1e-4, fused=True))
     assert ours(x, t, cond).shape == theirs(x, t, text, return_dict=False)[0].shape == x.shape
 
     matmul = [matmul_flops()]  # FLOP/s: before, in every round, after
@@ -112,7 +123,7 @@ def main() -> None:
             train_step(forward, target, optimizer)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for round_ in range(args.rounds):
-        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
+        order = list(models)[round_ % len(models):] + list(models)[:round_ % len(models)]  # rotate who goes first
         for name in order:
             forward, optimizer = models[name]
             seconds[name].append(train_step(forward, target, optimizer))
@@ -126,6 +137,8 @@ def main() -> None:
     ratios = sorted(d / o for d, o in zip(seconds["diffusers"], seconds["dit"]))
     ratio = statistics.median(ratios)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dit", ours), ("diffusers", theirs))}
+    if args.compile:
+        compiled_ratios = sorted(d / o for d, o in zip(seconds["diffusers"], seconds["dit_compiled"]))
     print(f"shape: batch {BATCH} x latent ({CHANNELS}, {', '.join(map(str, LATENT))}), {TEXT_LEN} text tokens")
     print(f"dit_params_m: {params['dit'] / 1e6:.2f}")
     print(f"diffusers_params_m: {params['diffusers'] / 1e6:.2f}")
@@ -135,6 +148,9 @@ def main() -> None:
     print(f"diffusers_step_ms: {1000 * step['diffusers']:.0f}")
     print(f"dit_vs_diffusers: {ratio:.3f}")
     print(f"dit_vs_diffusers_quartiles: {ratios[len(ratios) // 4]:.3f} {ratios[3 * len(ratios) // 4]:.3f}")
+    if args.compile:
+        print(f"dit_compiled_step_ms: {1000 * step['dit_compiled']:.0f}")
+        print(f"dit_compiled_vs_diffusers: {statistics.median(compiled_ratios):.3f}")
     for name in models:
         mfu = sorted(train_flops / s / m for s, m in zip(seconds[name], rounds_matmul))
         print(f"{name}_mfu: {statistics.median(mfu):.3f}")

@@ -53,8 +53,10 @@ class _LayerNormModulate(torch.autograd.Function):
 
 def layer_norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """`modulate(F.layer_norm(x, (D,), eps=eps), shift, scale)`: x (B, N, D), shift and scale (B, D)
-    -> (B, N, D); one autograd node in float32/float64 (see the module docstring)."""
-    if x.dtype in (torch.float32, torch.float64) and x.dim() == 3 and shift.dtype == scale.dtype == x.dtype:
+    -> (B, N, D); one autograd node in float32/float64 (see the module docstring), the plain
+    composition under `torch.compile` (which fuses it itself)."""
+    fused = x.dtype in (torch.float32, torch.float64) and x.dim() == 3 and shift.dtype == scale.dtype == x.dtype
+    if fused and not torch.compiler.is_compiling():
         return _LayerNormModulate.apply(x, shift, scale, eps)
     return modulate(nn.functional.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
 

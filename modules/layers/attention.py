@@ -238,6 +238,7 @@ def qkv_norm_rope(
         and q_norm.eps == k_norm.eps
         and qkv.dtype in (torch.float32, torch.float64)
         and qkv.stride(-1) == 1
+        and not torch.compiler.is_compiling()  # inductor fuses the plain form (and has no complex codegen)
     ):
         q, k, v = _QKVNormRope.apply(qkv, q_norm.weight, k_norm.weight, q_norm.eps, freqs, heads)
         return tuple(z.unflatten(-1, (heads, -1)) for z in (q, k, v))
@@ -248,7 +249,7 @@ def qkv_norm_rope(
 def qk_norm_rope(x: Tensor, norm: RMSNorm | None, freqs: Tensor | None, heads: int) -> Tensor:
     """Queries or keys x (B, n_win, S, D) -> (B, n_win, S, heads, d): QK-norm (when `norm`) then
     RoPE (when `freqs`, shaped (n_win, S, 1, d/2)); one autograd node when both, in fp32/fp64."""
-    if norm is not None and freqs is not None and x.dtype in (torch.float32, torch.float64):
+    if norm is not None and freqs is not None and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
         return _QKNormRope.apply(x, norm.weight, norm.eps, freqs, heads).unflatten(-1, (heads, -1))
     x = (norm(x) if norm is not None else x).unflatten(-1, (heads, -1))  # (B, n_win, S, h, d)
     return apply_rope(x, freqs) if freqs is not None else x

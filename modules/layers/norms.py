@@ -64,7 +64,10 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6) -> Tensor:
-    """x (..., d), weight (d,) or None -> (..., d); RMSNorm with the closed-form backward above."""
+    """x (..., d), weight (d,) or None -> (..., d); RMSNorm with the closed-form backward above
+    (under `torch.compile`, `F.rms_norm`: inductor derives and fuses its backward itself)."""
+    if torch.compiler.is_compiling():
+        return nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
     return _RMSNormFunction.apply(x, weight, eps)
 
 

@@ -71,9 +71,14 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     x: (..., d) real, e.g. queries (B, heads, N, d) with freqs (N, d/2), or (B, N, heads, d) with
     freqs (N, 1, d/2): freqs broadcasts against x's shape with the last dim halved.
     Half-precision inputs are rotated in float32 and cast back. Returns a tensor shaped like x.
+    Under `torch.compile` the same rotation is written with cos and sin, which inductor can fuse.
     """
     work = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 -> fp32, fp32 and fp64 stay
     pairs = x.to(work).unflatten(-1, (-1, 2))  # (..., d/2, 2)
+    if torch.compiler.is_compiling():  # inductor generates no code for complex tensors: real form
+        cos, sin = torch.view_as_real(freqs).unbind(-1)  # (..., d/2) each
+        a, b = pairs.unbind(-1)  # (..., d/2) each
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)  # (..., d)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
         pairs = pairs.contiguous()  # view_as_complex needs whole complex numbers in memory
     return torch.view_as_real(torch.view_as_complex(pairs) * freqs).flatten(-2).to(x.dtype)  # (..., d)
