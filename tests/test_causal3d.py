@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from experiments.build import instantiate
 from experiments.config import REPO_CONFIGS, load_yaml
 from modules.vaes.base import VideoAutoencoder
-from modules.vaes.causal3d import CausalConv3d, CausalVAE3d
+from modules.vaes.causal3d import CausalConv3d, CausalVAE3d, RMSNorm
 
 PRESETS = ["causal3d_tiny", "causal3d_4x8x8", "causal3d_4x16x16", "causal3d_wan"]
 H = W = 16  # tiny preset: latents 2x2
@@ -150,6 +150,32 @@ def test_decoder_is_causal(chunked, residual):
             f = first_frame(i)
             torch.testing.assert_close(out[:, :, :f], base[:, :, :f], atol=1e-12, rtol=0)
             assert (out[:, :, f] - base[:, :, f]).abs().max() > 1e-6, f"latent {i} must reach frame {f}"
+
+
+def test_rms_norm_is_wans_normalize_and_keeps_the_autocast_dtype():
+    """Wan's norm is F.normalize(x, dim=1)·√C·γ: ours equals it (values and gradients, float64, with
+    an all-zero position where the 1e-12 floor acts) and under bf16 autocast stays in bf16, close to
+    the float32 result."""
+    torch.manual_seed(0)
+    norm = RMSNorm(6).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
+    x[0, :, 1, 2, 3] = 0
+    x.requires_grad_(True)
+    ref = F.normalize(x, dim=1) * 6**0.5 * norm.gamma.view(-1, 1, 1, 1)
+    w = torch.randn_like(ref)
+    got = norm(x)
+    torch.testing.assert_close(got, ref, atol=1e-14, rtol=1e-13)
+    g_got = torch.autograd.grad((got * w).sum(), (x, norm.gamma))
+    g_ref = torch.autograd.grad((ref * w).sum(), (x, norm.gamma))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    norm32, x32 = norm.float(), x.detach().float().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm32(x32)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), norm32(x32.float()), atol=2e-2, rtol=1e-2)
 
 
 def test_kl_matches_reference():

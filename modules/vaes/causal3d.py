@@ -97,8 +97,13 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        # F.normalize's maths, 1 / max(‖x‖₂, 1e-12), with the norm accumulated in ≥ float32, but the
+        # output keeps x's dtype: under CPU bf16 autocast F.normalize returns float32, so every SiLU,
+        # residual add and conv-input cast after it ran in float32 (a training step 1.2x slower).
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
+        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=acc).clamp_min(1e-12).reciprocal()
         gamma = self.gamma.view((-1,) + (1,) * (x.dim() - 2))  # broadcast over positions
-        return F.normalize(x, dim=1) * (self.scale * gamma)
+        return x * (inv * self.scale).to(x.dtype) * gamma.to(x.dtype)
 
 
 class ResBlock(nn.Module):
