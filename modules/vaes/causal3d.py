@@ -27,6 +27,7 @@ faster than PyTorch's default kernel choice for few-frame chunks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,23 +88,46 @@ class CausalConv3d(Conv3d):
         return super().forward(x)
 
 
+def rms_norm_channels(x: Tensor, gamma: Tensor, scale: float) -> Tensor:
+    """Wan's norm over dim 1, ``F.normalize(x, dim=1) · scale · γ``: 1 / max(‖x‖₂, 1e-12) accumulated in
+    ≥ float32, applied in x's dtype. (Under CPU bf16 autocast F.normalize returns float32, so every
+    SiLU, residual add and conv-input cast after it ran in float32: a training step 1.2x slower.)"""
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
+    inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=acc).clamp_min(1e-12).reciprocal()
+    gamma = gamma.view((-1,) + (1,) * (x.dim() - 2))  # broadcast over positions
+    return x * (inv * scale).to(x.dtype) * gamma.to(x.dtype)
+
+
+def _norm_silu(x: Tensor, gamma: Tensor, scale: float) -> Tensor:
+    return F.silu(rms_norm_channels(x, gamma, scale))
+
+
+@functools.cache
+def _compiled_norm_silu() -> Any:
+    """`_norm_silu` through torch.compile (dynamic shapes: one graph for every level and clip size).
+    Eager it is ~7 memory passes forward and more backward; fused, a training step of the 4×8×8 preset
+    at batch 16 in bf16 is 1.2x faster on CPU (one-off compile ~40 s)."""
+    return torch.compile(_norm_silu, dynamic=True)
+
+
 class RMSNorm(nn.Module):
     """Per-position RMS norm over channels (Wan): ``x / ‖x‖₂ · √C · γ``; acts on each frame and
-    pixel alone, so it keeps causality and chunk equivalence. (B, C, ...) -> same."""
+    pixel alone, so it keeps causality and chunk equivalence. (B, C, ...) -> same.
+
+    ``silu(x)`` is ``F.silu(self(x))``, the pre-activation of every conv after a norm; with
+    ``compiled = True`` (set by ``CausalVAE3d(compile=True)``) it runs as one fused kernel."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim))
+        self.compiled = False
 
     def forward(self, x: Tensor) -> Tensor:
-        # F.normalize's maths, 1 / max(‖x‖₂, 1e-12), with the norm accumulated in ≥ float32, but the
-        # output keeps x's dtype: under CPU bf16 autocast F.normalize returns float32, so every SiLU,
-        # residual add and conv-input cast after it ran in float32 (a training step 1.2x slower).
-        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
-        inv = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=acc).clamp_min(1e-12).reciprocal()
-        gamma = self.gamma.view((-1,) + (1,) * (x.dim() - 2))  # broadcast over positions
-        return x * (inv * self.scale).to(x.dtype) * gamma.to(x.dtype)
+        return rms_norm_channels(x, self.gamma, self.scale)
+
+    def silu(self, x: Tensor) -> Tensor:
+        return (_compiled_norm_silu() if self.compiled else _norm_silu)(x, self.gamma, self.scale)
 
 
 class ResBlock(nn.Module):
@@ -119,8 +143,8 @@ class ResBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), cache)
-        h = self.conv2(F.silu(self.norm2(h)), cache)
+        h = self.conv1(self.norm1.silu(x), cache)
+        h = self.conv2(self.norm2.silu(h), cache)
         return self.shortcut(x) + h
 
 
@@ -338,7 +362,7 @@ class Encoder3d(nn.Module):
         for layer in self.down:
             x = layer(x, cache)
         x = self.mid(x, cache)
-        return self.quant(self.conv_out(F.silu(self.norm_out(x)), cache))
+        return self.quant(self.conv_out(self.norm_out.silu(x), cache))
 
 
 class Decoder3d(nn.Module):
@@ -375,7 +399,7 @@ class Decoder3d(nn.Module):
         x = self.mid(x, cache)
         for layer in self.up:
             x = layer(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return self.conv_out(self.norm_out.silu(x), cache)
 
 
 class CausalVAE3d(LatentAutoencoder):
@@ -390,6 +414,10 @@ class CausalVAE3d(LatentAutoencoder):
     ``residual=True`` is Wan 2.2's VAE layout (diffusers' ``is_residual``): every level adds a
     parameter-free space-to-channel shortcut (`AverageDown` / `DuplicateUp`) around its ResBlocks
     and resampling, and decoder levels keep their width through the Upsample.
+
+    ``compile=True`` runs every norm → SiLU pair through one torch.compile'd kernel (`RMSNorm.silu`):
+    the same function, 1.2x faster training steps on CPU after a one-off ~40 s compile; the
+    convolutions and everything else stay eager.
     """
 
     causal = True
@@ -405,6 +433,7 @@ class CausalVAE3d(LatentAutoencoder):
         in_channels: int = 3,
         chunked: bool = False,
         residual: bool = False,
+        compile: bool = False,
     ) -> None:
         mults, temporal = list(channel_mults), [bool(t) for t in temporal_downsample]
         if len(temporal) != len(mults) - 1:
@@ -418,6 +447,9 @@ class CausalVAE3d(LatentAutoencoder):
         args = (base_width, mults, num_res_blocks)
         self.encoder = Encoder3d(in_channels, *args, temporal, latent_channels, mid_attention, residual)
         self.decoder = Decoder3d(in_channels, *args, temporal[::-1], latent_channels, mid_attention, residual)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.compiled = compile
 
     def moments(self, video: Tensor, chunked: bool | None = None) -> Tensor:
         """video (B, C, 1 + k·r_t, H, W) -> [mean, logvar] (B, 2·latent_channels, 1 + k, H', W')."""
