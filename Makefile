@@ -57,7 +57,7 @@ smoke: $(VENV)/.installed  ## a tiny model in under a minute
 	$(VENV)/bin/vidlab fit smoke
 
 test: $(VENV)/.installed-dev $(VBENV)/.installed browser  ## the whole test suite (CPU; VBench through .venv-vbench; the MLflow UI in Chromium)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: $(VENV)/.installed-dev  ## benchmarks/: measured ratios, printed as name: value
 	$(PY) benchmarks/overhead.py

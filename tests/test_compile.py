@@ -77,8 +77,9 @@ def test_compiled_dit_blocks_match_eager():
 
 
 def test_causal3d_compiled_norm_silu_is_the_same_function():
-    """``CausalVAE3d(compile=True)`` fuses every norm → SiLU with torch.compile: same reconstructions
-    and gradients as eager (float32, one-shot and chunked), in bf16 autocast within bf16 rounding."""
+    """``CausalVAE3d(compile=True)`` fuses every norm → SiLU with torch.compile: the same reconstruction
+    and gradients as eager in float32. (One training pass: the fused function acts per position like
+    the eager one, whose chunked equivalence tests/test_causal3d.py checks.)"""
     from experiments.build import instantiate
     from experiments.config import REPO_CONFIGS, load_yaml
 
@@ -87,20 +88,16 @@ def test_causal3d_compiled_norm_silu_is_the_same_function():
     eager = instantiate({**load_yaml(path), "residual": True}, str(path))
     fused = instantiate({**load_yaml(path), "residual": True, "compile": True}, str(path))
     fused.load_state_dict(eager.state_dict())
-    assert all(m.compiled for m in fused.modules() if hasattr(m, "compiled"))
+    flags = [m.compiled for m in fused.modules() if hasattr(m, "compiled")]
+    assert len(flags) == 36 and all(flags)  # every RMSNorm of the tiny residual model
     x = torch.rand(2, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
-    def step(model, chunked=False):
-        model.zero_grad(set_to_none=True)
-        out = model.decode_raw(model.posterior(x, chunked=chunked).mode(), chunked=chunked)
+    def step(model):
+        out = model.decode_raw(model.posterior(x).mode())
         (out - x).square().mean().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
-    for chunked in (False, True):
-        (ref, g_ref), (got, g_got) = step(eager, chunked), step(fused, chunked)
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-        for n in g_ref:
-            torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-5, rtol=1e-3, msg=n)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref, got = (m.decode_raw(m.posterior(x).mode()).float() for m in (eager, fused))
-    assert (got - ref).abs().max() < 0.05
+    (ref, g_ref), (got, g_got) = step(eager), step(fused)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-5, rtol=1e-3, msg=n)
