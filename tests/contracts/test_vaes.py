@@ -7,7 +7,10 @@ value is given in ``VIDLAB_VAE_SET``, shell-quoted ``preset.key=value`` items, e
 
     VIDLAB_VAE_SET="diffusers_wan.path=/models/Wan2.1-T2V-1.3B-Diffusers" pytest tests/contracts/test_vaes.py
 
-Presets over `CPU_PARAM_LIMIT` parameters are checked on the meta device only.
+Presets over `CPU_PARAM_LIMIT` parameters are checked on the meta device only. A preset's
+``compile: true`` (a speed switch: torch.compile of some layers) is turned off here: the contract
+checks the function, and each preset would otherwise pay a cold compile per graph (~50 s on 2 cores);
+tests/test_compile.py checks vidlab's compiled forms against eager.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def _node(name: str) -> dict[str, Any]:
     experiment when it interpolates other keys (``${...}``)."""
     items = given_values().get(name, [])
     node = load_yaml(PRESETS[name])
+    if node.get("compile") is True:
+        node["compile"] = False  # see the module docstring
     if "${" in repr(node):
         return compose("smoke", [f"vae={name}", *(f"vae.{item}" for item in items)]).cfg["vae"]
     for item in items:
