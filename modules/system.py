@@ -359,7 +359,8 @@ class GeneratorSystem(L.LightningModule):
             params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
         )
         schedule = lr_schedule(opt, self.optim, max_steps(self))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        # "name": the MLflow key under which the `lr_monitor` callback logs the lr of every step
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vidlab_config"] = self.config
@@ -563,7 +564,9 @@ class AutoencoderSystem(L.LightningModule):
         optimizers = [opt_g]
         if self.discriminator is not None:
             optimizers.append(adamw(self.discriminator.parameters(), self.loss_cfg.disc_lr or self.optim.lr))
-        schedulers = [lr_schedule(opt, self.optim, max_steps(self)) for opt in optimizers]
+        # stepped by training_step (manual optimisation); the names are the MLflow keys of `lr_monitor`
+        schedulers = [{"scheduler": lr_schedule(opt, self.optim, max_steps(self)), "interval": "step", "name": name}
+                      for opt, name in zip(optimizers, ("train/lr", "train/lr_disc"))]
         return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

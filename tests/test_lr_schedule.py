@@ -84,6 +84,33 @@ def test_autoencoder_fit_ends_at_the_floor(out_dir):
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert state["global_step"] == 6
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.2 * 1e-3, rel=1e-9)
+    # the lr_monitor callback logs, under step s, the lr of step s + 1 (log_every_n_steps 2: s = 1, 3, 5)
+    _assert_logged_lrs(composed, result.run_id, OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine",
+                                                            min_lr_ratio=0.2), total=6)
+
+
+def test_generator_fit_logs_the_lr_of_every_step(out_dir):
+    composed = compose("smoke", ["optim.schedule=linear", "optim.warmup_steps=3", "trainer.max_steps=8",
+                                 "trainer.log_every_n_steps=1", "callbacks.samples=null",
+                                 "callbacks.timestep_loss=null", "callbacks.model_card=null"])
+    result = run_fit(composed)
+    _assert_logged_lrs(composed, result.run_id, OptimConfig(lr=composed.cfg["optim"]["lr"], warmup_steps=3,
+                                                            schedule="linear"), total=8)
+
+
+def _assert_logged_lrs(composed, run_id: str, cfg: OptimConfig, total: int) -> None:
+    """MLflow's `train/lr` at step s (s optimizer steps done) is the lr of the next optimizer step: the
+    closed form of `lr_schedule` at s."""
+    from mlflow.tracking import MlflowClient
+
+    from experiments.tracking import tracking_uri
+
+    history = MlflowClient(tracking_uri(composed.cfg)).get_metric_history(run_id, "train/lr")
+    logged = {m.step: m.value for m in history}
+    every = composed.cfg["trainer"]["log_every_n_steps"]
+    assert sorted(logged) == list(range(every - 1, total, every)), sorted(logged)
+    expected = _lrs(cfg, total, total)
+    assert [logged[s] for s in sorted(logged)] == pytest.approx([expected[s] for s in sorted(logged)], rel=1e-6)
 
 
 def test_decay_without_max_steps_is_a_config_error(out_dir):

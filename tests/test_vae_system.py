@@ -112,6 +112,9 @@ def test_every_loss_term_with_a_tae_counts_generator_steps(out_dir, tmp_path):
     history = client.get_metric_history(result.run_id, "train/d")
     assert history, "the discriminator loss is logged once the GAN starts"
     assert client.get_metric_history(result.run_id, "train/disc_weight"), "the adaptive weight is logged"
+    # each optimiser's lr under its own key (lr_monitor; constant schedule: the configured lr)
+    for key in ("train/lr", "train/lr_disc"):
+        assert [m.value for m in client.get_metric_history(result.run_id, key)] == pytest.approx([1e-3]), key
     ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3  # discriminator steps do not advance trainer.max_steps
     assert any(k.startswith("discriminator.") for k in ckpt["state_dict"])
