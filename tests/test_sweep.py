@@ -368,7 +368,9 @@ def test_distributed_arms_run_alone_as_processes_each_into_its_child_run(tmp_pat
 
 def test_killed_sweep_records_its_running_arms_killed_and_a_rerun_trains_them(tmp_path, out_dir):
     """``kill PID`` of a ``vidlab sweep --jobs 2`` (the sweep only): it stops both arm processes and
-    records them and the parent KILLED; re-running the file trains both arms into fresh child runs."""
+    records them and the parent KILLED; re-running the file trains an arm killed before its first
+    checkpoint into a fresh child run (the usual case here: the kill comes while they start) and one
+    killed after it on in its own run."""
     path = tmp_path / "killed.yaml"
     path.write_text(f"name: killed\nexperiment: smoke\noverrides: {FAST}\ngrid:\n"
                     "  objective: [rectified_flow, rectified_flow_lognorm]\njobs: 2\n")
@@ -392,12 +394,17 @@ def test_killed_sweep_records_its_running_arms_killed_and_a_rerun_trains_them(tm
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.status for c in children) == ["KILLED", "KILLED"]
     assert not any(identity_alive(c.data.tags["vidlab.process"]) for c in children)  # no arm left running
+    # an arm that got far (the first one launched has a head start of the second's MLflow setup) may
+    # have checkpointed step 1 before the kill: whether it did is timing, what the rerun does with it is not
+    checkpointed = {c.info.run_id for c in children
+                    if (out_dir / "checkpoints" / c.info.run_id / "last.ckpt").exists()}
 
     results = run_sweep(path, jobs=1, console=Console(file=io.StringIO()))  # here: in this process
     assert [r.status for r in results] == ["FINISHED", "FINISHED"]
-    assert {r.run_id for r in results}.isdisjoint(c.info.run_id for c in children)
+    assert {r.run_id for r in results} & {c.info.run_id for c in children} == checkpointed
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert len(_children(client, results)) == 4
+    assert len(_children(client, results)) == 4 - len(checkpointed)
+    print(f"{len(checkpointed)} of 2 arms had a checkpoint when the sweep was killed")
 
 
 @pytest.mark.parametrize("trainer, distributed", [
