@@ -1,5 +1,6 @@
-"""Backbone training speed: our DiT (configs/backbone/dit_bench.yaml) against diffusers'
-`WanTransformer3DModel` of equal size, same run, CPU fp32.
+"""Backbone speed: our DiT's training step (configs/backbone/dit_bench.yaml) against diffusers'
+`WanTransformer3DModel` of equal size, same run, CPU fp32; then the frame-autoregressive model's
+KV-cache scaling (`benchmarks/ar_rollout.py`, whose docstring describes that measurement).
 
 Both: dim 384 = 6 heads x 64, FFN 1536 (GELU-tanh), 6 layers, patch (1, 2, 2), QK-norm, 3D RoPE,
 16 latent channels, latent (16, 5, 16, 16) = 320 tokens per sample, batch 4, 16 text tokens of width
@@ -20,7 +21,7 @@ minutes this pairing cancels the drift, as the alternation does for the speed ra
 `dit_mfu_vs_best_peak` is the stricter figure: the median step over the best matmul rate seen at any
 moment of the run (before, during or after the rounds).
 
-    python benchmarks/backbones.py [--rounds 20] [--warmup 3] [--threads 2] [--compile]
+    python benchmarks/backbones.py [--rounds 20] [--warmup 3] [--threads 2] [--compile] [--no-ar]
 
 `--compile` adds a third arm, our DiT as `parallel.compile: true` builds it (each block through
 `torch.compile`, same weights), and prints `dit_compiled_vs_diffusers` and `dit_compiled_mfu`; it first
@@ -28,7 +29,9 @@ spends a few minutes compiling.
 
 Prints `name: value` lines: `dit_vs_diffusers` (their step time / ours, target >= 1.1) with the
 quartiles of the per-round ratios, `dit_mfu` (target >= 0.60), `diffusers_mfu`,
-`matmul_peak_gflops` (the best rate seen) and per-step ms.
+`matmul_peak_gflops` (the best rate seen) and per-step ms; then `ar_kv_scaling` (time to generate 2F
+frames over F frames with the cache, target <= 2.3) and its companions, about 4 minutes more
+(`--no-ar` leaves them out).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from experiments.build import instantiate
 from experiments.config import REPO_CONFIGS, load_yaml
 from modules.conditioning import Conditioning
 from modules.parallel import ParallelConfig, parallelize
+
+from ar_rollout import ar_scaling  # benchmarks/ar_rollout.py: this script's directory is on sys.path
 
 BATCH, CHANNELS, LATENT, TEXT_LEN, TEXT_DIM = 4, 16, (5, 16, 16), 16, 384
 PRESET = REPO_CONFIGS / "backbone" / "dit_bench.yaml"
@@ -91,6 +96,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time our DiT with every block compiled")
+    parser.add_argument("--no-ar", action="store_true", help="skip the frame-autoregressive KV-cache scaling")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -156,6 +162,9 @@ def main() -> None:
         print(f"{name}_mfu: {statistics.median(mfu):.3f}")
         print(f"{name}_mfu_quartiles: {mfu[len(mfu) // 4]:.3f} {mfu[3 * len(mfu) // 4]:.3f}")
         print(f"{name}_mfu_vs_best_peak: {train_flops / step[name] / peak:.3f}")
+    if not args.no_ar:
+        for name, value in ar_scaling().items():
+            print(f"{name}: {value:.3f}")
 
 
 if __name__ == "__main__":
