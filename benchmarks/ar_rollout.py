@@ -8,6 +8,11 @@ for F and 2F frames. `ar_kv_scaling` = time(2F frames) / time(F frames) with the
 perfectly linear; the attention over a growing cache adds the rest. Without the cache every step
 re-runs all earlier frames, so the same ratio approaches 4 (quadratic).
 
+The F- and 2F-frame rollouts are timed in pairs, one right after the other (which goes first
+alternates), and a scaling is the median of the per-pair ratios: this machine's speed drifts by
+10-30 % within minutes, and timing all F-frame runs before all 2F-frame runs exposed the ratio to any
+drift between the two halves (two such runs ten minutes apart gave 1.94 and 2.40).
+
     python benchmarks/ar_rollout.py [--frames 5] [--repeats 3] [--threads 2]
 """
 
@@ -32,15 +37,24 @@ PRESET = REPO_CONFIGS / "backbone" / "frame_ar_bench.yaml"
 BATCH, CHANNELS, SIZE, TEXT_LEN, TEXT_DIM, STEPS = 4, 16, 16, 16, 384, 8
 
 
-def rollout_seconds(model, noise: torch.Tensor, guide, cached: bool, repeats: int) -> float:
-    """Median wall time of `frame_rollout` over `repeats` runs."""
-    flow, euler = RectifiedFlow(), EulerSampler(steps=STEPS)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        frame_rollout(model, flow, euler, guide, noise, cached=cached)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def rollout_seconds(model, noise: torch.Tensor, guide, cached: bool) -> float:
+    """Wall time of one `frame_rollout` of all frames of `noise`."""
+    start = time.perf_counter()
+    frame_rollout(model, RectifiedFlow(), EulerSampler(steps=STEPS), guide, noise, cached=cached)
+    return time.perf_counter() - start
+
+
+def paired_scaling(model, noise: torch.Tensor, guide, cached: bool, repeats: int) -> tuple[float, float]:
+    """(median over `repeats` pairs of time(all frames of `noise`) / time(its first half),
+    median time of all frames): the two rollouts of a pair run back to back, alternating order."""
+    half = noise[:, :, : noise.shape[2] // 2]
+    ratios, full_times = [], []
+    for i in range(repeats):
+        order = (half, noise) if i % 2 == 0 else (noise, half)
+        seconds = {n.shape[2]: rollout_seconds(model, n, guide, cached) for n in order}
+        ratios.append(seconds[noise.shape[2]] / seconds[half.shape[2]])
+        full_times.append(seconds[noise.shape[2]])
+    return statistics.median(ratios), statistics.median(full_times)
 
 
 def ar_scaling(frames: int = 5, repeats: int = 3) -> dict[str, float]:
@@ -54,13 +68,13 @@ def ar_scaling(frames: int = 5, repeats: int = 3) -> dict[str, float]:
     noise = torch.randn(BATCH, CHANNELS, 2 * frames, SIZE, SIZE, generator=g)
     with torch.no_grad():
         frame_rollout(model, RectifiedFlow(), EulerSampler(steps=1), guide, noise[:, :, :2])  # warm-up
-        kv = [rollout_seconds(model, noise[:, :, :n], guide, True, repeats) for n in (frames, 2 * frames)]
-        full = [rollout_seconds(model, noise[:, :, :n], guide, False, repeats) for n in (frames, 2 * frames)]
+        kv_scaling, kv_seconds = paired_scaling(model, noise, guide, True, repeats)
+        full_scaling, full_seconds = paired_scaling(model, noise, guide, False, repeats)
     return {
-        "ar_kv_scaling": kv[1] / kv[0],
-        "ar_recompute_scaling": full[1] / full[0],
-        "ar_kv_ms_per_frame": 1000 * kv[1] / (2 * frames),
-        "ar_kv_speedup_2f": full[1] / kv[1],
+        "ar_kv_scaling": kv_scaling,
+        "ar_recompute_scaling": full_scaling,
+        "ar_kv_ms_per_frame": 1000 * kv_seconds / (2 * frames),
+        "ar_kv_speedup_2f": full_seconds / kv_seconds,
     }
 
 
