@@ -145,7 +145,34 @@ def test_cached_rollout_equals_full_recomputation(chunk, context, frames, scale)
     assert cached.abs().max() > 0.1  # a real trajectory, not zeros
     if context is not None:
         assert held[0].frames(16) == context
-        assert next(iter(held[0].keys.values())).shape[2] == context * 16
+        assert held[0].get(0)[0].shape[2] == context * 16
+        assert held[0].keys[0].shape[2] == context * 16 + 16 * chunk  # the window and one chunk
+
+
+def test_denoising_steps_write_the_chunk_into_the_cache_without_copying_it():
+    """A step without commit attends over the held frames and the chunk without concatenating the
+    cache (whose copy per step grew with the rollout's length), and leaves the held frames alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cats = []
+
+    class RecordCats(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default:
+                cats.extend(tuple(a.shape) for a in args[0])
+            return func(*args, **(kwargs or {}))
+
+    net = model(chunk=1)
+    x, t, cond = inputs(frames=4)
+    cache = net.new_cache()
+    with torch.no_grad():
+        for s in range(3):
+            net(x[:, :, s : s + 1], t[:, s : s + 1], cond, cache, commit=True)
+        held = cache.get(0)[0].clone()  # (B, heads, 3 frames · 16 tokens, d)
+        with RecordCats():
+            net(x[:, :, 3:4], t[:, 3:4], cond, cache)
+    assert held.shape[2] == 48 and not [shape for shape in cats if len(shape) == 4 and shape[2] == 48]
+    assert cache.frames(16) == 3 and torch.equal(cache.get(0)[0], held)
 
 
 def test_rollout_first_chunk_is_the_plain_sampler():
