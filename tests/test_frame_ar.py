@@ -173,6 +173,11 @@ def test_denoising_steps_write_the_chunk_into_the_cache_without_copying_it():
             net(x[:, :, 3:4], t[:, 3:4], cond, cache)
     assert held.shape[2] == 48 and not [shape for shape in cats if len(shape) == 4 and shape[2] == 48]
     assert cache.frames(16) == 3 and torch.equal(cache.get(0)[0], held)
+    with pytest.raises(RuntimeError, match="torch.no_grad"):
+        net(x[:, :, 3:4], t[:, 3:4], cond, cache)  # with autograd on, the in-place cache refuses
+    k = cache.get(0)[0][:1, :, :16]  # one sample's keys of one frame: the cache holds two samples
+    with torch.no_grad(), pytest.raises(ValueError, match=r"do not match the cache's \(2, "):
+        cache.extend(0, k, k, 16)
 
 
 def test_rollout_first_chunk_is_the_plain_sampler():

@@ -74,8 +74,12 @@ class KVCache:
     def extend(self, layer: int, k: Tensor, v: Tensor, tokens_per_frame: int) -> tuple[Tensor, Tensor]:
         """Write one chunk's k, v (B, heads, n, d) after the held tokens (not yet kept: see `commit`)
         and return held + chunk as views (B, heads, length + n, d)."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError("KVCache is written in place for generation: run cached forwards under torch.no_grad()")
         held, n = self.lengths.get(layer, 0), k.shape[2]
         buf = self.keys.get(layer)
+        if buf is not None and (buf.shape[:2] != k.shape[:2] or buf.shape[3] != k.shape[3]):
+            raise ValueError(f"a chunk's keys {tuple(k.shape)} do not match the cache's {tuple(buf.shape)}")
         if buf is None or buf.shape[2] < held + n:
             if self.max_frames is not None:
                 capacity = self.max_frames * tokens_per_frame + n
@@ -86,8 +90,6 @@ class KVCache:
             if held:
                 new_k[:, :, :held], new_v[:, :, :held] = self.get(layer)
             self.keys[layer], self.values[layer] = new_k, new_v
-        elif buf.shape[:2] != k.shape[:2] or buf.shape[3] != k.shape[3]:
-            raise ValueError(f"a chunk's keys {tuple(k.shape)} do not match the cache's {tuple(buf.shape)}")
         self.keys[layer][:, :, held : held + n] = k
         self.values[layer][:, :, held : held + n] = v
         return self.keys[layer][:, :, : held + n], self.values[layer][:, :, : held + n]

@@ -28,10 +28,12 @@ Velocity = Callable[[Tensor, Tensor, Conditioning], Tensor]  # v(x, t, cond)
 Guide = Callable[[Velocity], Callable[[Tensor, Tensor], Tensor]]  # velocity -> v(x, t) for a sampler
 
 
+@torch.no_grad()
 def frame_rollout(
     backbone, objective, sampler, guide: Guide, noise: Tensor, cached: bool = True, **sample_options
 ) -> Tensor:
-    """noise (B, C, T, H, W) -> x0 (B, C, T, H, W), `backbone.chunk` frames at a time.
+    """noise (B, C, T, H, W) -> x0 (B, C, T, H, W), `backbone.chunk` frames at a time, without
+    gradients (as every sampler; the KV cache is written in place).
 
     objective: gives ``velocity(net, x, t, cond)`` (t per sample (B,) or per frame (B, T));
     sampler: ``sample(v(x, t), noise, **sample_options) -> x0`` (e.g. ``path=objective.path``, a
