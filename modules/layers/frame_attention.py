@@ -51,7 +51,7 @@ class KVCache:
     bounded on long rollouts.
 
     Storage: per layer a (B, heads, capacity, d) buffer for keys and one for values, holding
-    `length` tokens. `extend` writes a chunk's keys and values right after the held tokens and
+    `lengths[layer]` tokens. `extend` writes a chunk's keys and values right after the held tokens and
     returns views of held + chunk for the attention, so a denoising step costs a write of the chunk
     instead of a concatenation that copies the whole cache (which made every step's cost grow with
     the rollout's length: 7.5 % of a 10-frame rollout of the benchmark model). `commit` keeps the
