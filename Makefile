@@ -59,7 +59,7 @@ smoke: $(VENV)/.installed  ## a tiny model in under a minute
 test: $(VENV)/.installed-dev $(VBENV)/.installed browser  ## the whole test suite (CPU; VBench through .venv-vbench; the MLflow UI in Chromium)
 	$(PY) -m pytest -q --durations=25
 
-bench: $(VENV)/.installed-dev  ## benchmarks/: measured ratios, printed as name: value
+bench: $(VENV)/.installed-dev  ## benchmarks/overhead.py (harness vs plain loop); the other benchmarks/*.py run alone, see the README
 	$(PY) benchmarks/overhead.py
 
 ui: $(VENV)/.installed  ## the MLflow UI over the embedded store, on 127.0.0.1 only
